@@ -3,18 +3,42 @@
 The core is pure numpy/scipy; framework adapters live in ``lossforecast.integrations``.
 """
 
+from ._backtest import BacktestPoint, Trajectory, backtest
 from ._fit import FitResult, FitStatus
 from ._forecaster import Forecast, Forecaster
+from ._io import (
+    Curve,
+    RebuiltSchedule,
+    Run,
+    load_runs,
+    read_curve_csv,
+    read_schedule_csv,
+    read_tensorboard,
+    schedule_from_curve,
+)
 from ._laws import LRAnnealingLaw, MultiPowerLaw
+from ._monitor import Monitor
 from ._priors import Priors
 from ._schedule import Schedule
 
 __all__ = [
+    "BacktestPoint",
+    "Curve",
+    "RebuiltSchedule",
+    "Run",
+    "Trajectory",
+    "backtest",
+    "load_runs",
+    "read_curve_csv",
+    "read_schedule_csv",
+    "read_tensorboard",
+    "schedule_from_curve",
     "Forecast",
     "Forecaster",
     "FitResult",
     "FitStatus",
     "LRAnnealingLaw",
+    "Monitor",
     "MultiPowerLaw",
     "Priors",
     "Schedule",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from ._laws import Law, LawInputs
 
@@ -16,18 +17,18 @@ __all__ = ["FitStatus", "FitResult", "GaussianPrior", "fit_law"]
 
 
 class FitStatus(enum.IntEnum):
-    """Why a fit ended; ``success`` is ``status > 0``."""
+    """Why a fit ended; ``success`` is ``status > 0`` (the iteration limit keeps the best point)."""
 
     NOT_FINITE = -2
     NO_DATA = -1
-    MAX_ITER = 0
-    CONVERGED = 1
+    MAX_ITER = 1
+    CONVERGED = 2
 
 
 _MESSAGES = {
     FitStatus.NOT_FINITE: "The objective became non-finite at every start.",
     FitStatus.NO_DATA: "Too few observed points to fit.",
-    FitStatus.MAX_ITER: "Stopped at the iteration limit before converging.",
+    FitStatus.MAX_ITER: "Stopped at the iteration limit; the best point so far is kept.",
     FitStatus.CONVERGED: "Converged.",
 }
 
@@ -109,7 +110,7 @@ def fit_law(
     """
     t0 = time.perf_counter()
     n_par = len(law.params)
-    if len(y) < 3:
+    if len(y) < 2:
         return FitResult(np.zeros(n_par), np.inf, 0, FitStatus.NO_DATA, np.eye(n_par), 0.0)
     bounds = law.bounds(float(np.min(y)))
     lo = np.array([b[0] for b in bounds])
@@ -119,27 +120,48 @@ def fit_law(
     else:
         mean, prec = prior.vectors(law)
     inv_sigma = 1.0 / sigma
+    # Optimise in units of the prior's std (1 where there is none) so L-BFGS-B is well scaled.
+    scale = np.where(prec > 0, 1.0 / np.where(prec > 0, prec, 1.0), 1.0)
     nfev = 0
 
-    def objective(theta: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
+    def objective(u: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
         nonlocal nfev
         nfev += 1
+        theta = u * scale
         pred, jac = law.predict_jac(theta, x)
         r = (pred - y) * inv_sigma
         value, psi = _huber(r, huber_delta)
         dp = prec * (theta - mean)
         f = float(value.sum() + 0.5 * dp @ dp)
-        g = jac.T @ (psi * inv_sigma) + prec * dp
+        g = (jac.T @ (psi * inv_sigma) + prec * dp) * scale
         if not np.isfinite(f) or not np.all(np.isfinite(g)):
             return 1e300, np.zeros_like(theta)
         return f, g
 
+    # The arrays are tiny: multi-threaded BLAS only spins against the training job's threads.
+    with threadpool_limits(limits=1, user_api="blas"):
+        best = _minimize_from(objective, starts, lo, hi, scale, max_iter)
+    seconds = time.perf_counter() - t0
+    if best is None:
+        return FitResult(
+            np.asarray(starts[0]), np.inf, nfev, FitStatus.NOT_FINITE, np.eye(n_par), seconds
+        )
+    params = best.x * scale
+    _, jac = law.predict_jac(params, x)
+    jw = jac * inv_sigma[:, None]
+    hessian = jw.T @ jw + np.diag(prec**2)
+    status = FitStatus.MAX_ITER if best.status == 1 else FitStatus.CONVERGED
+    return FitResult(params, float(best.fun), nfev, status, hessian, seconds)
+
+
+def _minimize_from(objective, starts, lo, hi, scale, max_iter):
+    """Run L-BFGS-B from each start (in scaled units); the best finite result or None."""
     best = None
+    bounds = list(zip(lo / scale, hi / scale, strict=False))
     for start in starts:
-        x0 = np.clip(start, lo, hi)
         res = minimize(
             objective,
-            x0,
+            np.clip(start, lo, hi) / scale,
             jac=True,
             method="L-BFGS-B",
             bounds=bounds,
@@ -147,11 +169,4 @@ def fit_law(
         )
         if np.isfinite(res.fun) and res.fun < 1e299 and (best is None or res.fun < best.fun):
             best = res
-    seconds = time.perf_counter() - t0
-    if best is None:
-        return FitResult(np.asarray(starts[0]), np.inf, nfev, FitStatus.NOT_FINITE, np.eye(n_par), seconds)
-    _, jac = law.predict_jac(best.x, x)
-    jw = jac * inv_sigma[:, None]
-    hessian = jw.T @ jw + np.diag(prec**2)
-    status = FitStatus.CONVERGED if best.success else FitStatus.MAX_ITER
-    return FitResult(best.x, float(best.fun), nfev, status, hessian, seconds)
+    return best

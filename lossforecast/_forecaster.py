@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.stats import norm
 
 from ._fit import FitResult, fit_law
 from ._laws import LAWS, Law, LawInputs
@@ -22,6 +21,9 @@ __all__ = ["Forecaster", "Forecast"]
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+#: Share of the observed steps skipped at the start of a fit: the early transient bends the
+#: power law (Choshen et al. 2024); 0.25 beat 0.1 and 0.4 in the leave-one-source-out backtests.
+_SKIP_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,9 @@ class Forecaster:
         if target_step is None:
             target_step = T - 1
         if not 0 <= target_step < T:
-            raise ValueError(f"`target_step` must be in 0..{T - 1} (the schedule), got {target_step!r}.")
+            raise ValueError(
+                f"`target_step` must be in 0..{T - 1} (the schedule), got {target_step!r}."
+            )
         self.law_name = law
         self.target_step = int(target_step)
         self.coverage = float(coverage)
@@ -212,24 +216,34 @@ class Forecaster:
                 self.last_error = error
             return self._fitted is not None
 
-    def _fit(self, binned, total: int, previous: _Fitted | None) -> tuple[_Fitted | None, str | None]:
+    def _fit(
+        self, binned, total: int, previous: _Fitted | None
+    ) -> tuple[_Fitted | None, str | None]:
         sched = self.schedule
-        keep = binned.step > sched.warmup_steps
-        if keep.sum() < self.min_points:
+        if len(binned) < self.min_points:
             return None, None
+        # Skip warmup and the early transient (the first quarter of what has been seen), as
+        # fits of partial curves do best without it. Inside warmup, fall back to the second
+        # half of what has been seen: the forecast then rests mostly on the priors.
+        first = max(sched.warmup_steps, int(_SKIP_FRACTION * binned.step[-1]))
+        keep = binned.step > first
+        if keep.sum() < self.min_points:
+            keep = binned.step >= binned.step[-1] // 2
+            if keep.sum() < self.min_points:
+                return None, None
         steps, loss, count = binned.step[keep], binned.loss[keep], binned.count[keep]
         min_loss = float(loss.min())
         sigma = _bin_noise(binned.point_noise, count, min_loss)
         x = LawInputs.at(sched, steps)
         law_prior = self.priors.laws[self._law.name]
-        prior = law_prior.for_losses(min_loss)
+        prior = law_prior.for_run(min_loss, sched.peak_lr)
         if previous is not None and previous.law is self._law:
             starts = [previous.result.params]
         else:
             starts = _initial_starts(self._law, prior, steps, loss, sched)
         try:
             result = fit_law(self._law, x, loss, sigma, starts, prior=prior)
-        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
+        except Exception as exc:  # a fit must never take the training run down with it
             return None, f"the fit raised {type(exc).__name__}: {exc}"
         if not result.success:
             return None, result.message
@@ -242,11 +256,15 @@ class Forecaster:
         dof = max(len(loss) - len(self._law.params), 1)
         dispersion = max(float(np.sum(np.minimum(resid**2, 9.0)) / dof), 1.0)
         progress = float(sched.area[steps[-1]] / sched.area[-1])
-        fitted = _Fitted(result, self._law, cov * dispersion, progress, total, int(steps[-1]), min_loss)
+        fitted = _Fitted(
+            result, self._law, cov * dispersion, progress, total, int(steps[-1]), min_loss
+        )
         return fitted, None
 
     # ------------------------------------------------------------------ forecasting
-    def forecast(self, step: int | None = None, *, coverage: float | None = None, refit: bool = True) -> Forecast | None:
+    def forecast(
+        self, step: int | None = None, *, coverage: float | None = None, refit: bool = True
+    ) -> Forecast | None:
         """Forecast the loss at ``step`` (default: the target step) of the planned schedule.
 
         Returns ``None`` until enough points after warmup have been observed. With
@@ -262,14 +280,39 @@ class Forecaster:
         ``lr_schedule`` must agree with the planned one on the steps observed so far; the
         default ``step`` is its last step.
         """
-        other = lr_schedule if isinstance(lr_schedule, Schedule) else Schedule(lr_schedule)
+        lr = lr_schedule.lr if isinstance(lr_schedule, Schedule) else lr_schedule
+        other = Schedule(lr, peak_lr=self.schedule.peak_lr)
+        seen = self.last_step
+        if seen is not None:
+            if other.total_steps <= seen:
+                raise ValueError(
+                    f"what-if schedule has {other.total_steps} steps, "
+                    f"but the run is already at step {seen}."
+                )
+            past = slice(0, seen + 1)
+            if not np.allclose(other.lr[past], self.schedule.lr[past], rtol=1e-6, atol=0.0):
+                i = int(
+                    np.argmax(
+                        ~np.isclose(other.lr[past], self.schedule.lr[past], rtol=1e-6, atol=0.0)
+                    )
+                )
+                raise ValueError(
+                    f"what-if schedule differs from the planned one at step {i}, which the run has "
+                    f"already trained ({other.lr[i]!r} vs {self.schedule.lr[i]!r}); "
+                    "only the future can change."
+                )
         if step is None:
             step = other.total_steps - 1
         return self._forecast_on(other, step, coverage, refit=True)
 
-    def trajectory(self, steps: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None:
-        """Predicted loss with interval at many steps of the planned schedule: (loss, low, high)."""
-        fitted = self._current(refit=True)
+    def trajectory(
+        self, steps: ArrayLike, *, refit: bool = True
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None:
+        """Predicted loss with interval at many steps of the planned schedule: (loss, low, high).
+
+        With ``refit=False`` the latest fit is used as is (for callers that fit in the background).
+        """
+        fitted = self._current(refit)
         if fitted is None:
             return None
         s = self.schedule.check_steps(np.atleast_1d(steps))
@@ -304,14 +347,16 @@ class Forecaster:
         )
 
     def _predict(self, fitted: _Fitted, schedule: Schedule, steps, coverage: float):
-        """Point forecasts and intervals: the fit's own uncertainty plus the calibrated model error."""
-        z = float(norm.ppf(0.5 + coverage / 2.0))
+        """Point forecasts and intervals: the fit's uncertainty plus the calibrated model error."""
         y, jac = fitted.law.predict_jac(fitted.result.params, LawInputs.at(schedule, steps))
         var_fit = np.einsum("ij,jk,ik->i", jac, fitted.covariance, jac)
         cal = self.priors.calibration[fitted.law.name]
+        z = cal.z(coverage)
         ahead = np.maximum(schedule.area[steps] - schedule.area[fitted.observed_step], 0.0)
         horizon = ahead / max(schedule.area[steps].max(), 1e-12)
-        rel = cal.scale(fitted.progress) * np.minimum(horizon / max(1.0 - fitted.progress, 1e-9), 1.0)
+        rel = cal.scale(fitted.progress) * np.minimum(
+            horizon / max(1.0 - fitted.progress, 1e-9), 1.0
+        )
         half = z * np.sqrt(np.maximum(var_fit, 0.0) + (rel * y) ** 2)
         return y, y - half, y + half
 
@@ -335,7 +380,9 @@ class Forecaster:
     def load_state_dict(self, state: dict) -> None:
         """Restore observations and counters from :meth:`state_dict` output (not modified)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state has version {state.get('version')!r}, expected {STATE_VERSION}.")
+            raise ValueError(
+                f"state has version {state.get('version')!r}, expected {STATE_VERSION}."
+            )
         if len(state["lr_schedule"]) != self.schedule.total_steps:
             raise ValueError(
                 f"state is for a schedule of {len(state['lr_schedule'])} steps, "
@@ -369,7 +416,9 @@ class Forecaster:
         )
 
 
-def _bin_noise(point_noise: float, count: NDArray[np.float64], min_loss: float) -> NDArray[np.float64]:
+def _bin_noise(
+    point_noise: float, count: NDArray[np.float64], min_loss: float
+) -> NDArray[np.float64]:
     """Noise of each bin mean, floored so smoothed curves do not claim impossible precision."""
     floor = 2e-4 * min_loss
     return np.maximum(point_noise / np.sqrt(count), floor)

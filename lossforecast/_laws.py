@@ -59,12 +59,6 @@ class Law(ABC):
         """Losses at ``x.steps``."""
         return self.predict_jac(theta, x)[0]
 
-    def annealing_drop(self, theta: NDArray[np.float64], x: LawInputs) -> NDArray[np.float64]:
-        """The part of the loss the LR decreases have removed by each step (>= 0 for decays)."""
-        zero = theta.copy()
-        zero[self.params.index("log_amp")] = -np.inf
-        return self.predict(zero, x) - self.predict(theta, x)
-
 
 def _power_term(
     theta: NDArray[np.float64], area: NDArray[np.float64]

@@ -90,7 +90,9 @@ class Observations:
         b = {f: np.asarray(v, dtype=np.float64) for f, v in self._bins.items()}
         ok = b["n"] > 0
         n = b["n"][ok]
-        step = np.rint(b["sum_step"][ok] / n).astype(np.int64) if ok.any() else np.zeros(0, np.int64)
+        step = (
+            np.rint(b["sum_step"][ok] / n).astype(np.int64) if ok.any() else np.zeros(0, np.int64)
+        )
         loss = b["sum_loss"][ok] / n if ok.any() else np.zeros(0)
         return Binned(step, loss, n, self._point_noise(b, loss))
 

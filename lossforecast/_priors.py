@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import norm
 
 from ._fit import GaussianPrior
 
@@ -22,34 +23,54 @@ PRIORS_VERSION = 1
 
 @dataclass(frozen=True)
 class LawPrior:
-    """Gaussian prior for one law; ``L0`` is given as a ratio to the lowest observed loss."""
+    """Gaussian prior for one law, in units that transfer between runs.
+
+    ``L0`` is given as a ratio to the lowest observed loss. The annealing amplitude
+    (``log_amp``, for LRs relative to the peak) is given for a peak LR of 1 and shifted by
+    ``amp_lr_exponent * log(peak_lr)``: the loss a cooldown removes grows like the square
+    root of the peak LR on the shared curves (a noise-floor effect), far more steadily
+    than as a fixed amount or a fixed share of the loss.
+    """
 
     mean: dict[str, float]
     std: dict[str, float]
     l0_ratio: tuple[float, float]
+    amp_lr_exponent: float = 0.5
 
-    def for_losses(self, min_loss: float) -> GaussianPrior:
-        """The prior in absolute units for a run whose lowest observed loss is ``min_loss``."""
+    def for_run(self, min_loss: float, peak_lr: float) -> GaussianPrior:
+        """The prior in a run's own units: its lowest observed loss and its peak LR."""
         mean = dict(self.mean, L0=self.l0_ratio[0] * min_loss)
+        if "log_amp" in mean:
+            mean["log_amp"] += self.amp_lr_exponent * float(np.log(peak_lr))
         std = dict(self.std, L0=self.l0_ratio[1] * min_loss)
         return GaussianPrior(mean, std)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Relative forecast error scale as a function of training progress.
+    """How wide an interval must be, learned from backtests.
 
     ``scale(p)`` is the standard deviation of ``(forecast - truth) / truth`` not explained
     by the fit's own uncertainty, at progress ``p`` (share of the planned forward area seen),
-    interpolated log-linearly between the knots measured by backtests.
+    interpolated log-linearly between the knots. ``z(coverage)`` is the multiplier of the
+    combined standard deviation that covers the truth with that probability; the backtests'
+    errors have heavier tails than a Gaussian, so it is read from their quantiles at
+    ``levels`` and interpolated as a ratio to the Gaussian multiplier in between.
     """
 
     progress: tuple[float, ...]
     rel_std: tuple[float, ...]
+    levels: tuple[float, ...]
+    z_table: tuple[float, ...]
 
     def scale(self, progress: float) -> float:
         p = float(np.clip(progress, self.progress[0], self.progress[-1]))
         return float(np.exp(np.interp(p, self.progress, np.log(self.rel_std))))
+
+    def z(self, coverage: float) -> float:
+        gauss = norm.ppf(0.5 + np.asarray(self.levels) / 2.0)
+        ratio = np.interp(coverage, self.levels, np.asarray(self.z_table) / gauss)
+        return float(ratio * norm.ppf(0.5 + coverage / 2.0))
 
 
 @dataclass(frozen=True)
@@ -75,13 +96,19 @@ class Priors:
     @classmethod
     def from_dict(cls, d: dict) -> Priors:
         if d.get("version") != PRIORS_VERSION:
-            raise ValueError(f"priors file has version {d.get('version')!r}, expected {PRIORS_VERSION}.")
+            raise ValueError(
+                f"priors file has version {d.get('version')!r}, expected {PRIORS_VERSION}."
+            )
         laws = {
-            name: LawPrior(dict(p["mean"]), dict(p["std"]), tuple(p["l0_ratio"]))
+            name: LawPrior(
+                dict(p["mean"]), dict(p["std"]), tuple(p["l0_ratio"]), p["amp_lr_exponent"]
+            )
             for name, p in d["laws"].items()
         }
         cal = {
-            name: Calibration(tuple(c["progress"]), tuple(c["rel_std"]))
+            name: Calibration(
+                tuple(c["progress"]), tuple(c["rel_std"]), tuple(c["levels"]), tuple(c["z"])
+            )
             for name, c in d["calibration"].items()
         }
         return cls(laws, cal, d.get("provenance", ""), dict(d.get("extra", {})))
@@ -91,11 +118,21 @@ class Priors:
             "version": PRIORS_VERSION,
             "provenance": self.provenance,
             "laws": {
-                n: {"mean": p.mean, "std": p.std, "l0_ratio": list(p.l0_ratio)}
+                n: {
+                    "mean": p.mean,
+                    "std": p.std,
+                    "l0_ratio": list(p.l0_ratio),
+                    "amp_lr_exponent": p.amp_lr_exponent,
+                }
                 for n, p in self.laws.items()
             },
             "calibration": {
-                n: {"progress": list(c.progress), "rel_std": list(c.rel_std)}
+                n: {
+                    "progress": list(c.progress),
+                    "rel_std": list(c.rel_std),
+                    "levels": list(c.levels),
+                    "z": list(c.z_table),
+                }
                 for n, c in self.calibration.items()
             },
             "extra": self.extra,

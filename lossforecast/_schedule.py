@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,11 @@ class Schedule:
     ----------
     lr : array_like, shape (T,)
         LR of the update made at each step; finite, non-negative, at least one positive.
+    max_groups : int, optional
+        At most about this many groups of LR changes are kept for the annealing terms.
+    peak_lr : float, optional
+        LR that relative values are measured against; default the schedule's maximum. A
+        what-if schedule uses the planned run's peak so fitted parameters keep their units.
 
     Raises
     ------
@@ -68,13 +74,17 @@ class Schedule:
     [0.5, 1.5, 2.5, 3.0]
     """
 
-    def __init__(self, lr: ArrayLike, *, max_groups: int = 256) -> None:
+    def __init__(
+        self, lr: ArrayLike, *, max_groups: int = 256, peak_lr: float | None = None
+    ) -> None:
         values = _validate_lr(lr)
         if max_groups < 1:
             raise ValueError(f"`max_groups` must be a positive int, got {max_groups}.")
+        if peak_lr is not None and not (math.isfinite(peak_lr) and peak_lr > 0):
+            raise ValueError(f"`peak_lr` must be a positive number, got {peak_lr!r}.")
         self.lr: NDArray[np.float64] = values
         self.total_steps = len(values)
-        self.peak_lr = float(values.max())
+        self.peak_lr = float(values.max()) if peak_lr is None else float(peak_lr)
         self.warmup_steps = int(np.argmax(values))
         rel = values / self.peak_lr
         self.relative_lr: NDArray[np.float64] = rel
@@ -94,7 +104,8 @@ class Schedule:
         if out.size and (out.min() < 0 or out.max() >= self.total_steps):
             raise ValueError(
                 f"step {int(out.max() if out.max() >= self.total_steps else out.min())} is "
-                f"outside the planned schedule of {self.total_steps} steps (0..{self.total_steps - 1})."
+                f"outside the planned schedule of {self.total_steps} steps "
+                f"(0..{self.total_steps - 1})."
             )
         return out
 

@@ -1,0 +1,251 @@
+"""Accuracy benchmark: forecast the final loss of every shared run from prefixes of it.
+
+Protocol (issue "Core"): cutoffs at 10/25/50/75/90% of the planned steps, fit on the prefix
+only, forecast the loss at the run's ``final_step`` and compare with its ``final_loss``.
+Leave-one-source-out: the priors and calibration used for a source's runs are derived
+(``lossforecast._derive.derive_priors``) from the other sources' runs only, so the table
+measures what a user with a new model, dataset and schedule gets. Baselines run under the
+same protocol.
+
+Run: ``python benchmarks/accuracy.py [--data ../shared/data] [--out benchmarks/accuracy.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _baselines import last_smoothed, plain_lr_annealing, power_law_in_steps
+
+from lossforecast import Schedule
+from lossforecast._backtest import backtest
+from lossforecast._derive import derive_priors
+from lossforecast._io import load_runs
+
+CUTOFFS = (0.1, 0.25, 0.5, 0.75, 0.9)
+TARGETS = {0.25: 0.004, 0.5: 0.0025, 0.75: 0.0015}
+LEVELS = (0.5, 0.8, 0.95)
+BASELINES = ("last smoothed value", "power law in steps", "plain LR-annealing fit")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def family(schedule: str) -> str:
+    """Group the index's schedule names into the families the table reports."""
+    if schedule.startswith("cosine"):
+        return "cosine"
+    if schedule.startswith("wsd"):
+        return "wsd"
+    if schedule in ("two-stage", "step-8-1-1"):
+        return "step"
+    return schedule
+
+
+def run_benchmark(data_dir: Path, laws: tuple[str, ...]) -> list[dict]:
+    runs = load_runs(data_dir)
+    rows: list[dict] = []
+    for source in sorted({r.source for r in runs}):
+        train = [r for r in runs if r.source != source]
+        t0 = time.perf_counter()
+        priors = derive_priors(train, provenance=f"benchmark: all sources but {source}")
+        print(f"priors without {source}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        for run in (r for r in runs if r.source == source):
+            schedule = Schedule(run.lr_schedule)
+            base = dict(run=run.name, source=source, family=family(run.schedule))
+            for law in laws:
+                points = backtest(
+                    run.steps,
+                    run.loss,
+                    schedule,
+                    cutoffs=CUTOFFS,
+                    final_step=run.final_step,
+                    truth=run.final_loss,
+                    law=law,
+                    priors=priors,
+                )
+                for p in points:
+                    f = p.forecast
+                    row = dict(base, method=f"lossforecast ({law})", cutoff=p.cutoff)
+                    if f is not None:
+                        # forecast(coverage=q) differs from the 80% one only by the multiplier
+                        cal = priors.calibration[law]
+                        half80 = (f.high - f.low) / 2
+                        row.update(
+                            error=p.rel_error,
+                            fit_ms=1e3 * f.fit_seconds,
+                            **{
+                                f"cov{int(q * 100)}": bool(
+                                    abs(f.loss - run.final_loss) <= half80 * cal.z(q) / cal.z(0.8)
+                                )
+                                for q in LEVELS
+                            },
+                        )
+                    rows.append(row)
+            lra = priors.laws["lr-annealing"]
+            fixed_c = float(
+                np.exp(lra.mean["log_amp"] + lra.amp_lr_exponent * np.log(schedule.peak_lr))
+            )
+            for c in CUTOFFS:
+                n = int(np.searchsorted(run.steps, c * schedule.total_steps, side="right"))
+                s, y = run.steps[:n], run.loss[:n]
+                forecasts = {}
+                if n >= 2:
+                    forecasts = {
+                        "last smoothed value": last_smoothed(s, y, run.final_step),
+                        "power law in steps": power_law_in_steps(schedule, s, y, run.final_step),
+                        "plain LR-annealing fit": plain_lr_annealing(
+                            schedule, s, y, run.final_step, fixed_c
+                        ),
+                    }
+                for name in BASELINES:
+                    f = forecasts.get(name)
+                    row = dict(base, method=name, cutoff=c)
+                    if f is not None:
+                        row.update(
+                            error=(f.loss - run.final_loss) / run.final_loss,
+                            cov80=bool(f.low <= run.final_loss <= f.high),
+                        )
+                    rows.append(row)
+    return rows
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%" if np.isfinite(v) else "–"
+
+
+def summarise(rows: list[dict]) -> tuple[str, dict]:
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["method"], r["cutoff"])].append(r)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    families = sorted({r["family"] for r in rows})
+    lines, summary = [], {}
+
+    lines.append(
+        "## Median / 90th-percentile |relative error| of the final-loss forecast, all runs\n"
+    )
+    lines.append("| method | " + " | ".join(f"{int(c * 100)}%" for c in CUTOFFS) + " |")
+    lines.append("|---|" + "---|" * len(CUTOFFS))
+    for m in methods:
+        cells = []
+        for c in CUTOFFS:
+            e = np.abs([r["error"] for r in by[(m, c)] if "error" in r])
+            med = float(np.median(e)) if e.size else np.nan
+            p90 = float(np.percentile(e, 90)) if e.size else np.nan
+            summary[f"{m}|{c}"] = {"median": med, "p90": p90, "n": int(e.size)}
+            cells.append(f"{_pct(med)} / {_pct(p90)}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+
+    lines.append("\n## Median |relative error| per schedule family\n")
+    lines.append(
+        "| method | family | runs | " + " | ".join(f"{int(c * 100)}%" for c in CUTOFFS) + " |"
+    )
+    lines.append("|---|---|---|" + "---|" * len(CUTOFFS))
+    for m in methods:
+        for fam in families:
+            cells = []
+            n_runs = len({r["run"] for r in rows if r["method"] == m and r["family"] == fam})
+            for c in CUTOFFS:
+                e = np.abs([r["error"] for r in by[(m, c)] if r["family"] == fam and "error" in r])
+                cells.append(
+                    f"{_pct(float(np.median(e)))} / {_pct(float(np.percentile(e, 90)))}"
+                    if e.size
+                    else "–"
+                )
+            lines.append(f"| {m} | {fam} | {n_runs} | " + " | ".join(cells) + " |")
+
+    lines.append(
+        "\n## Interval coverage (share of runs whose final loss lies in the interval)"
+        " and no-answer count\n"
+    )
+    lines.append("| method | interval | " + " | ".join(f"{int(c * 100)}%" for c in CUTOFFS) + " |")
+    lines.append("|---|---|" + "---|" * len(CUTOFFS))
+    for m in methods:
+        for q in LEVELS:
+            key = f"cov{int(q * 100)}"
+            cells = []
+            for c in CUTOFFS:
+                v = [r[key] for r in by[(m, c)] if key in r]
+                cells.append(f"{np.mean(v):.2f}" if v else "–")
+                if v:
+                    summary[f"{m}|{c}|{key}"] = float(np.mean(v))
+            if any(c != "–" for c in cells):
+                lines.append(f"| {m} | {int(q * 100)}% | " + " | ".join(cells) + " |")
+        none = [sum("error" not in r for r in by[(m, c)]) for c in CUTOFFS]
+        lines.append(f"| {m} | no answer | " + " | ".join(str(v) for v in none) + " |")
+
+    lines.append("\n## Refit time (median ms over all backtest fits)\n")
+    for m in methods:
+        t = [r["fit_ms"] for r in rows if r["method"] == m and "fit_ms" in r]
+        if t:
+            lines.append(
+                f"- {m}: {np.median(t):.1f} ms (90th percentile {np.percentile(t, 90):.1f} ms)"
+            )
+    return "\n".join(lines), summary
+
+
+def check_targets(summary: dict, method: str) -> list[str]:
+    out = []
+    plain = "plain LR-annealing fit"
+    for c in CUTOFFS:
+        med = summary[f"{method}|{c}"]["median"]
+        p90 = summary[f"{method}|{c}"]["p90"]
+        base = summary[f"{plain}|{c}"]["median"]
+        checks = [f"≤ half the plain fit's {_pct(base)}: {'yes' if med <= base / 2 else 'NO'}"]
+        if c in TARGETS:
+            checks.insert(0, f"median ≤ {_pct(TARGETS[c])}: {'yes' if med <= TARGETS[c] else 'NO'}")
+        checks.append(f"p90 ≤ 3× median: {'yes' if p90 <= 3 * med else 'NO'}")
+        cov = summary.get(f"{method}|{c}|cov80", np.nan)
+        checks.append(
+            f"80% coverage in [0.75, 0.85]: {'yes' if 0.75 <= cov <= 0.85 else 'NO'} ({cov:.2f})"
+        )
+        out.append(f"- {int(c * 100)}%: median {_pct(med)}; " + "; ".join(checks))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
+    ap.add_argument("--laws", default="multi-power,lr-annealing")
+    args = ap.parse_args(argv)
+    laws = tuple(args.laws.split(","))
+    t0 = time.perf_counter()
+    rows = run_benchmark(args.data, laws)
+    table, summary = summarise(rows)
+    default = f"lossforecast ({laws[0]})"
+    text = "\n".join(
+        [
+            "# Accuracy benchmark",
+            "",
+            "Generated by `python benchmarks/accuracy.py` over the 51 runs in `../shared/data`",
+            "(sources: thu-yao-01-luo/MultiPowerLaw, Luo et al. ICLR 2025; zyyyyyy123/tdlt;",
+            "fabian-sp/lr-scheduling, Schaipp et al. ICML 2025). Leave-one-source-out: priors and",
+            "calibration for each source's runs come from the other two sources only.",
+            "Cells: median / 90th percentile of |forecast − final| / final. "
+            f"Wall time {time.perf_counter() - t0:.0f} s.",
+            "",
+            table,
+            "",
+            f"## Targets ({default})",
+            "",
+            *check_targets(summary, default),
+            "",
+        ]
+    )
+    print(text)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"summary": summary, "rows": rows}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Overhead of LossForecastCallback on a real Lightning training of a small transformer (CPU).
+
+Trains the character GPT of ``examples/_chargpt.py`` with the same seed, with and without the
+callback, alternating the two (ABBA) over several repeats, and compares the median time per
+training step. Also times capturing a 1e6-step LR schedule. Prints a table and writes
+``overhead.md`` next to this file::
+
+    python benchmarks/overhead.py            # about 4 minutes on 2 CPU cores
+    python benchmarks/overhead.py --steps 60 --repeats 1 --out /tmp/overhead.md  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from chargpt_lightning import CharGPTModule  # noqa: E402
+from lossforecast.integrations._schedule_capture import capture_schedule  # noqa: E402
+from lossforecast.integrations.lightning import LossForecastCallback  # noqa: E402
+
+WARMUP_STEPS = 20  # first steps of each run left out of the timing
+
+
+class StepTimer(pl.Callback):
+    """Wall time between the starts of consecutive training batches (everything in a step)."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)][WARMUP_STEPS:]
+
+
+class TimedCallback(LossForecastCallback):
+    """The callback, with the time spent in its per-batch hook recorded."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hook_seconds: list[float] = []
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_end(*args, **kwargs)
+        self.hook_seconds.append(time.perf_counter() - start)
+
+
+def train(steps: int, with_callback: bool, every: int) -> tuple[list[float], TimedCallback | None]:
+    pl.seed_everything(0, verbose=False)
+    timer = StepTimer()
+    forecast = TimedCallback(every_n_steps=every) if with_callback else None
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        callbacks=[c for c in (forecast, timer) if c is not None],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(CharGPTModule(steps, batch_size=32, seed=0))
+    return timer.step_times(), forecast
+
+
+def capture_seconds(n: int) -> dict[str, float]:
+    """Seconds to capture an n-step schedule for common schedulers (2 parameter groups)."""
+    out = {}
+    for name in ("CosineAnnealingLR", "LambdaLR (warmup + cosine)", "OneCycleLR"):
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(2)]
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        if name == "CosineAnnealingLR":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n)
+        elif name == "OneCycleLR":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=n)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min((s + 1) / 1000, 0.5 * (1 + math.cos(math.pi * s / n)))
+            )
+        start = time.perf_counter()
+        capture_schedule(opt, [sched], n)
+        out[name] = time.perf_counter() - start
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--steps", type=int, default=300, help="steps per training run (default 300)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="ABBA repeats (default 3)")
+    parser.add_argument("--every", type=int, default=10, help="callback every_n_steps (default 10)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
+    args = parser.parse_args()
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    pair_ratios, hook = [], []
+    for _ in range(args.repeats):
+        medians = {}
+        for arm in (False, True, True, False):
+            step_times, cb = train(args.steps, arm, args.every)
+            times[arm] += step_times
+            medians.setdefault(arm, []).append(statistics.median(step_times))
+            if cb is not None:
+                if cb.forecaster.forecast(refit=False) is None:
+                    raise RuntimeError(
+                        "the callback made no forecast: the benchmark measured nothing"
+                    )
+                hook += cb.hook_seconds[WARMUP_STEPS:]
+        pair_ratios.append(statistics.mean(medians[True]) / statistics.mean(medians[False]))
+    base, with_cb = statistics.median(times[False]), statistics.median(times[True])
+    ratio = with_cb / base
+    capture = capture_seconds(1_000_000)
+
+    lines = [
+        "# LossForecastCallback overhead",
+        "",
+        f"Lightning {pl.__version__}, torch {torch.__version__}, {platform.machine()}, "
+        f"{args.threads} torch threads. Character GPT of `examples/_chargpt.py` "
+        f"(2 layers, 96 wide, 64 tokens x 32 sequences), {args.steps} steps per run, "
+        f"first {WARMUP_STEPS} steps left out, "
+        f"{args.repeats} ABBA repeats, callback with `every_n_steps={args.every}` (every run with "
+        "the callback ends with a background forecast).",
+        "",
+        "| arm | steps timed | median step (ms) |",
+        "| --- | ---: | ---: |",
+        f"| without callback | {len(times[False])} | {1e3 * base:.2f} |",
+        f"| with LossForecastCallback | {len(times[True])} | {1e3 * with_cb:.2f} |",
+        "",
+        f"**Ratio of median step times: {ratio:.4f}** (target <= 1.01); "
+        f"per-repeat ratios: {', '.join(f'{r:.4f}' for r in pair_ratios)}. "
+        f"Time in the callback's per-batch hook: median {1e6 * statistics.median(hook):.0f} us, "
+        f"mean {1e6 * statistics.mean(hook):.0f} us per step (the feeds every "
+        f"{args.every} steps included); fitting itself runs on a background thread.",
+        "",
+        "| capture of a 1e6-step schedule (2 param groups) | seconds |",
+        "| --- | ---: |",
+        *[f"| {name} | {sec:.2f} |" for name, sec in capture.items()],
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

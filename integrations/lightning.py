@@ -1,0 +1,289 @@
+"""Lightning callback that forecasts the final loss while a ``Trainer`` trains.
+
+Works with ``lightning.pytorch`` and with the standalone ``pytorch_lightning`` package (the
+class subclasses whichever ``Callback`` is installed, ``lightning.pytorch`` first; both
+Trainers call its hooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from lossforecast import Forecast, Monitor
+from lossforecast._monitor import (
+    LossWindow,
+    MonitorAccess,
+    forecast_metrics,
+    never_raises,
+    train_loss_step,
+)
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        import pytorch_lightning as pl
+    except ImportError:
+        pl = None
+
+__all__ = ["LossForecastCallback"]
+
+logger = logging.getLogger(__name__)
+
+_Callback: type = pl.Callback if pl is not None else object
+
+
+class LossForecastCallback(MonitorAccess, _Callback):
+    """Forecast the final loss of a Lightning run from its planned LR schedule.
+
+    With no arguments everything is found on the trainer: the planned number of optimizer
+    steps (``trainer.estimated_stepping_batches``), the full LR schedule (captured before
+    training by simulating a copy of the schedulers in ``trainer.lr_scheduler_configs``,
+    honouring ``interval``, ``frequency`` and gradient accumulation) and the loss returned
+    by ``training_step``. Fitting runs on a background thread; the hooks only add a tensor
+    and, once per window, read one number.
+
+    Parameters
+    ----------
+    monitor : str, optional
+        ``"train_loss"`` (default): the loss returned by ``training_step``, averaged over
+        the window's batches and, under DDP, across ranks (one all-reduce of a scalar per
+        window). Any other name: a metric the module logs with ``self.log``, read from
+        ``trainer.callback_metrics`` after each validation run (e.g. ``"val_loss"``;
+        log it with ``sync_dist=True`` to average it across ranks).
+    lr_schedule : array_like, optional
+        Planned LR of every optimizer step, instead of capturing it.
+    every_n_steps : int, optional
+        Optimizer steps per averaged observation; ``trainer.log_every_n_steps`` by default.
+    **forecaster_options
+        Passed to :class:`~lossforecast.Forecaster` (``law``, ``coverage``, ...).
+
+    Attributes
+    ----------
+    forecaster : Forecaster or None
+        The core forecaster, built when training starts (on global rank zero only).
+    schedule_note : str or None
+        Why the captured schedule is not the exact planned one (ReduceLROnPlateau, a
+        scheduler that cannot be copied, a resumed run without saved state), else None.
+
+    Notes
+    -----
+    The forecast follows parameter group 0 of the first optimizer. The forecast and its
+    interval are logged to every logger of the trainer as ``lossforecast/forecast``,
+    ``lossforecast/forecast_low`` and ``lossforecast/forecast_high`` whenever a new fit is
+    ready. Under DDP only global rank zero forecasts and logs. The state (observations and
+    schedule) is saved in checkpoints under :attr:`state_key`; a resumed run continues the
+    same forecast, with the rest of the schedule captured again from the restored
+    schedulers. With manual optimization the schedulers are assumed to step once per
+    optimizer step. A window open when a checkpoint is saved is not saved with it.
+
+    Examples
+    --------
+    >>> from lossforecast.integrations.lightning import LossForecastCallback
+    >>> cb = LossForecastCallback(every_n_steps=10)
+    >>> cb.state_key
+    "LossForecastCallback{'monitor': 'train_loss'}"
+    """
+
+    def __init__(
+        self,
+        monitor: str = "train_loss",
+        *,
+        lr_schedule: Any = None,
+        every_n_steps: int | None = None,
+        **forecaster_options: Any,
+    ) -> None:
+        if pl is None:
+            raise ImportError(
+                'LossForecastCallback needs Lightning: pip install "lossforecast[lightning]".'
+            )
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
+        ):
+            raise ValueError(
+                f"`every_n_steps` must be a positive int or None, got {every_n_steps!r}."
+            )
+        self._configure(monitor, lr_schedule, forecaster_options)
+        self.every_n_steps = every_n_steps
+        self._saved: dict | None = None
+        self._told: set[str] = set()
+        self._reset_run(0, 1, math.inf)
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint; names the monitored metric."""
+        return self._generate_state_key(monitor=self.monitor)
+
+    # ------------------------------------------------------------------ hooks
+    @never_raises
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Capture the planned schedule and build the forecaster (global rank zero)."""
+        total = trainer.estimated_stepping_batches
+        every = self.every_n_steps or max(int(trainer.log_every_n_steps), 1)
+        self._reset_run(trainer.global_step, every, total)
+        if not math.isfinite(total):
+            self._tell(
+                "steps",
+                "planned number of steps is unknown (set max_steps or max_epochs): no forecast.",
+            )
+            return
+        start = trainer.global_step
+        if trainer.is_global_zero and start < total:
+            self._monitor = Monitor.for_run(
+                int(total),
+                lambda n: _capture(trainer, pl_module, start, n),
+                lr_schedule=self._lr_schedule,
+                start_step=start,
+                state=self._saved if start > 0 else None,
+                **self._options,
+            )
+
+    @never_raises
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Add the batch loss to the window; at the window's end average it and feed it."""
+        if self.monitor != "train_loss" or not math.isfinite(self._total):
+            return
+        loss = _batch_loss(outputs)
+        if loss is None:
+            self._tell(
+                "no-loss", "training_step returned no loss tensor; pass monitor= a logged metric."
+            )
+            return
+        scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        self._window.add(loss * scale)  # Lightning divides the returned loss by the accumulation
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # still accumulating gradients
+        self._last_step = step
+        if step % self._every and step != self._total:
+            return
+        total, count = self._window.take_sum()
+        mean = trainer.strategy.reduce(total / count, reduce_op="mean")  # on every rank, same steps
+        window = step - self._window_start
+        self._window_start = step
+        self._feed(trainer, train_loss_step(step, window), mean)
+
+    @never_raises
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Feed a logged validation metric (``monitor`` other than ``"train_loss"``)."""
+        if self.monitor == "train_loss" or trainer.sanity_checking or self._monitor is None:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            available = sorted(trainer.callback_metrics)
+            self._tell(
+                "missing",
+                f"metric {self.monitor!r} was not logged; available metrics: {available}.",
+            )
+            return
+        step = trainer.global_step - 1  # the model after update global_step - 1
+        if step > self._last_eval_step:
+            self._last_eval_step = step
+            self._feed(trainer, step, value)
+
+    @never_raises
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Stop background fitting and log a last forecast from all the data."""
+        if self._monitor is None:
+            return
+        forecast = self._monitor.finish()
+        if forecast is not None:
+            self._log(trainer, forecast)
+
+    @never_raises
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Stop background fitting without waiting long."""
+        if self._monitor is not None:
+            self._monitor.close(timeout=1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The forecaster's state (JSON-safe), saved in checkpoints."""
+        if self._monitor is not None:
+            return self._monitor.state_dict()
+        return dict(self._saved) if self._saved else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's state until training starts (the input is not modified)."""
+        self._saved = dict(state_dict) if state_dict else None
+
+    # ------------------------------------------------------------------ helpers
+    def _reset_run(self, start: int, every: int, total: float) -> None:
+        if self._monitor is not None:
+            self._monitor.close(timeout=1.0)
+        self._monitor = None
+        self._window = LossWindow()
+        self._window_start = self._last_step = start
+        self._last_eval_step = -1
+        self._every = every
+        self._total = total
+        self._logged_step = -1
+
+    def _feed(self, trainer: Any, step: int, value: Any) -> None:
+        if self._monitor is None:
+            return
+        self._monitor.observe(step, float(value))
+        forecast = self._monitor.forecast()
+        if forecast is not None and forecast.observed_step != self._logged_step:
+            self._log(trainer, forecast)
+
+    def _log(self, trainer: Any, forecast: Forecast) -> None:
+        self._logged_step = forecast.observed_step
+        for lg in trainer.loggers:
+            lg.log_metrics(forecast_metrics(forecast), step=trainer.global_step)
+
+    def _tell(self, key: str, message: str) -> None:
+        if key not in self._told:
+            self._told.add(key)
+            logger.warning("lossforecast: %s", message)
+
+
+def _batch_loss(outputs: Any) -> Any:
+    """The loss tensor in ``training_step``'s output, or None."""
+    if isinstance(outputs, Mapping):
+        outputs = outputs.get("loss")
+    return outputs if hasattr(outputs, "detach") else None
+
+
+def _capture(
+    trainer: Any, pl_module: Any, start: int, n_steps: int
+) -> tuple[np.ndarray, str | None]:
+    """The next ``n_steps`` LRs of optimizer 0, group 0, from the trainer's scheduler configs."""
+    from ._schedule_capture import capture_schedule, lightning_step_mask
+
+    optimizer = trainer.optimizers[0]
+    configs = [
+        c
+        for c in trainer.lr_scheduler_configs
+        if getattr(c.scheduler, "optimizer", None) is optimizer
+    ]
+    configs.sort(key=lambda c: c.interval != "step")  # Lightning steps "step" schedulers first
+    masks: list[np.ndarray | None] = [
+        lightning_step_mask(
+            c.interval,
+            c.frequency,
+            start=start,
+            n_steps=n_steps,
+            batches_per_epoch=trainer.num_training_batches,
+            accumulate=trainer.accumulate_grad_batches,
+        )
+        if pl_module.automatic_optimization
+        else None
+        for c in configs
+    ]
+    captured = capture_schedule(
+        optimizer,
+        [c.scheduler for c in configs],
+        n_steps,
+        step_masks=masks,
+        keep=(pl_module, trainer),
+    )
+    return captured.lr, captured.note

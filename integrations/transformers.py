@@ -1,0 +1,173 @@
+"""Hugging Face ``TrainerCallback`` that forecasts the final loss while a ``Trainer`` trains."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lossforecast import Monitor
+from lossforecast._monitor import (
+    MonitorAccess,
+    forecast_metrics,
+    never_raises,
+    train_loss_step,
+)
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+except ImportError:  # pragma: no cover - depends on what is installed
+    TrainerCallback = None
+    ExportableState = None
+
+__all__ = ["LossForecastCallback"]
+
+logger = logging.getLogger(__name__)
+
+_Bases: tuple[type, ...] = tuple(
+    b for b in (TrainerCallback, ExportableState) if b is not None
+) or (object,)
+
+
+class LossForecastCallback(MonitorAccess, *_Bases):
+    """Forecast the final loss of a Hugging Face ``Trainer`` run from its planned LR schedule.
+
+    With no arguments everything is found on the trainer: ``state.max_steps``, the full LR
+    schedule (captured when training begins by simulating a copy of the trainer's
+    ``lr_scheduler``, which steps once per optimizer step, gradient accumulation included)
+    and the logged ``loss``. Fitting runs on a background thread.
+
+    Parameters
+    ----------
+    monitor : str, optional
+        ``"loss"`` (default): the training loss the Trainer logs every ``logging_steps``
+        steps. It is the mean over the steps since the previous log (and across processes),
+        so it is placed at the mean step of that window, not at the logging step. Any other
+        logged key (e.g. ``"eval_loss"``) is taken as the value at the step it is logged.
+    lr_schedule : array_like, optional
+        Planned LR of every optimizer step, instead of capturing it.
+    **forecaster_options
+        Passed to :class:`~lossforecast.Forecaster` (``law``, ``coverage``, ...).
+
+    Attributes
+    ----------
+    forecaster : Forecaster or None
+        The core forecaster, built when training begins (on the main process only).
+    schedule_note : str or None
+        Why the captured schedule is not the exact planned one, else None.
+
+    Notes
+    -----
+    The forecast follows parameter group 0. When a new fit is ready its
+    ``lossforecast/forecast``, ``lossforecast/forecast_low`` and
+    ``lossforecast/forecast_high`` are added to the ``logs`` of that log call and to
+    ``state.log_history``. The Trainer runs its reporting callbacks (``report_to``) before
+    user callbacks, so to send these scalars to TensorBoard or W&B pass that reporting
+    callback after this one in ``callbacks=``.
+
+    The state is saved in each checkpoint's ``trainer_state.json`` under
+    ``stateful_callbacks`` (``ExportableState``). A resumed run reads it back itself, so
+    keep ``restore_callback_states_from_checkpoint=False`` (the default): with True the
+    Trainer replaces this object by a new one and your reference stops being updated.
+
+    Examples
+    --------
+    >>> from lossforecast.integrations.transformers import LossForecastCallback
+    >>> cb = LossForecastCallback(coverage=0.9)
+    >>> cb.state()["args"]
+    {'monitor': 'loss', 'lr_schedule': None, 'coverage': 0.9}
+    """
+
+    def __init__(
+        self, monitor: str = "loss", *, lr_schedule: Any = None, **forecaster_options: Any
+    ) -> None:
+        if TrainerCallback is None:
+            raise ImportError(
+                'LossForecastCallback needs transformers: pip install "lossforecast[transformers]".'
+            )
+        self._configure(monitor, lr_schedule, forecaster_options)
+        self._last_log_step = 0
+        self._last_step = -1
+        self._logged_step = -1
+
+    def state(self) -> dict:
+        """``ExportableState``: constructor arguments and the forecaster state, JSON-safe."""
+        args = {
+            "monitor": self.monitor,
+            "lr_schedule": None if self._lr_schedule is None else self._lr_schedule.tolist(),
+        }
+        args.update({k: v for k, v in self._options.items() if k != "priors"})
+        saved = None if self._monitor is None else self._monitor.state_dict()
+        return {"args": args, "attributes": {"saved_state": saved}}
+
+    # ------------------------------------------------------------------ hooks
+    @never_raises
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Capture the planned schedule and build the forecaster (main process)."""
+        if self._monitor is not None:
+            self._monitor.close(timeout=1.0)
+        self._monitor = None
+        start = self._last_log_step = state.global_step
+        self._last_step = self._logged_step = -1
+        if not state.is_world_process_zero or start >= state.max_steps:
+            return
+        scheduler = kwargs.get("lr_scheduler")
+        optimizer = getattr(scheduler, "optimizer", None) or kwargs.get("optimizer")
+        self._monitor = Monitor.for_run(
+            int(state.max_steps),
+            lambda n: _capture(optimizer, scheduler, kwargs.get("model"), n),
+            lr_schedule=self._lr_schedule,
+            start_step=start,
+            state=self._saved_state(state) if start > 0 else None,
+            **self._options,
+        )
+
+    @never_raises
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+    ) -> None:
+        """Feed the monitored value; add the latest forecast to the logs."""
+        if not logs or self.monitor not in logs:
+            return
+        g = state.global_step
+        if self.monitor == "loss":
+            step = train_loss_step(g, g - self._last_log_step)
+            self._last_log_step = g
+        else:
+            step = g - 1  # the model after update g - 1
+        if self._monitor is None or step <= self._last_step:
+            return
+        self._last_step = step
+        self._monitor.observe(step, float(logs[self.monitor]))
+        forecast = self._monitor.forecast()
+        if forecast is not None and forecast.observed_step != self._logged_step:
+            self._logged_step = forecast.observed_step
+            metrics = forecast_metrics(forecast)
+            logs.update(metrics)
+            if state.log_history and state.log_history[-1].get("step") == g:
+                state.log_history[-1].update(metrics)
+
+    @never_raises
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Stop background fitting after a last fit on all the data."""
+        if self._monitor is not None:
+            self._monitor.finish()
+
+    # ------------------------------------------------------------------ helpers
+    def _saved_state(self, state: Any) -> dict | None:
+        """This callback's saved state in the resumed ``trainer_state.json``, if any."""
+        entries = (state.stateful_callbacks or {}).get(type(self).__name__)
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if isinstance(entry, dict) and entry.get("args", {}).get("monitor") == self.monitor:
+                return entry.get("attributes", {}).get("saved_state")
+        return None
+
+
+def _capture(optimizer: Any, scheduler: Any, model: Any, n_steps: int):
+    """The next ``n_steps`` LRs of group 0; the Trainer steps its scheduler every optimizer step."""
+    from ._schedule_capture import capture_schedule
+
+    captured = capture_schedule(
+        optimizer, [scheduler] if scheduler is not None else [], n_steps, keep=(model,)
+    )
+    return captured.lr, captured.note

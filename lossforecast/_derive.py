@@ -1,0 +1,223 @@
+"""Derive priors and interval calibration from finished runs (the shipped ones, or a user's)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.stats import norm
+
+from ._fit import fit_law
+from ._forecaster import Forecaster, _bin_noise, _initial_starts
+from ._laws import LAWS, LawInputs
+from ._observations import Observations
+from ._priors import Calibration, LawPrior, Priors
+from ._schedule import Schedule
+
+__all__ = ["derive_priors", "FinishedRun", "CALIBRATION_CUTOFFS", "HYPERPRIORS"]
+
+#: Broad starting priors, set by hand from the laws' papers, that derivation starts from.
+HYPERPRIORS = {
+    "multi-power": LawPrior(
+        mean={"alpha": 0.47, "log_amp": 1.8, "log_C": -5.0, "beta": 0.7, "gamma": 0.8},
+        std={"alpha": 0.15, "log_amp": 0.4, "log_C": 1.5, "beta": 0.6, "gamma": 0.4},
+        l0_ratio=(0.9, 0.06),
+    ),
+    "lr-annealing": LawPrior(
+        mean={"alpha": 0.47, "log_amp": -4.5, "log_tau": 6.0},
+        std={"alpha": 0.15, "log_amp": 1.0, "log_tau": 1.0},
+        l0_ratio=(0.9, 0.06),
+    ),
+}
+
+#: Fractions of training at which backtests measure the forecast error for calibration.
+CALIBRATION_CUTOFFS = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.65, 0.75, 0.85, 0.9, 0.95)
+_PROGRESS_KNOTS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
+_LEVELS = (0.5, 0.8, 0.9, 0.95)
+
+
+class FinishedRun(Protocol):
+    """What a finished run must provide: its curve, planned schedule and final loss.
+
+    A ``source`` attribute (the lab, codebase or dataset it came from) is optional; where
+    runs have one, every source counts equally, however many runs it brought.
+    """
+
+    steps: NDArray[np.int64]
+    loss: NDArray[np.float64]
+    lr_schedule: NDArray[np.float64]
+    final_step: int
+    final_loss: float
+
+
+@dataclass(frozen=True)
+class _Backtest:
+    progress: float
+    rel_error: float
+    rel_fit_std: float
+    weight: float
+
+
+def _source_weights(runs: Sequence[FinishedRun]) -> list[float]:
+    """Weight of each run so that every source sums to one."""
+    sources = [getattr(r, "source", None) for r in runs]
+    return [1.0 / sources.count(src) for src in sources]
+
+
+def _balanced(values: NDArray[np.float64], groups: list) -> tuple[float, float]:
+    """Centre and spread of values that come in groups (sources), each group counting once.
+
+    The centre is the mean of the group medians; the spread combines the typical
+    within-group robust spread with the spread between group medians.
+    """
+    labels = list(dict.fromkeys(groups))
+    medians, spreads = [], []
+    for g in labels:
+        v = values[[x == g for x in groups]]
+        med = float(np.median(v))
+        medians.append(med)
+        spreads.append(1.4826 * float(np.median(np.abs(v - med))))
+    between = float(np.std(medians, ddof=1)) if len(medians) > 1 else 0.0
+    return float(np.mean(medians)), float(np.hypot(np.mean(spreads), between))
+
+
+def derive_priors(
+    runs: Sequence[FinishedRun], *, base: Priors | None = None, provenance: str = ""
+) -> Priors:
+    """Priors and calibration learned from finished runs.
+
+    1. Each run's whole curve is fitted under a weak version of ``base`` (by default the
+       fixed, hand-set :data:`HYPERPRIORS`, so the result depends on the runs alone); the
+       prior mean of each shape parameter is the mean over sources of their median, its std
+       combines the spread within and between sources (inflated by a quarter, floored).
+    2. ``L0`` is described relative to the lowest loss seen at each cutoff.
+    3. Forecasts are backtested on every run at :data:`CALIBRATION_CUTOFFS`; at each level
+       of progress the model-error scale is set so that 80% intervals cover 80% of them.
+    """
+    if len(runs) < 2:
+        raise ValueError(f"deriving priors needs at least 2 runs, got {len(runs)}.")
+    base_laws = base.laws if base is not None else HYPERPRIORS
+    laws = {name: _law_prior(name, runs, base_laws[name]) for name in LAWS}
+    uncalibrated = Priors(
+        laws,
+        {n: Calibration((0.0, 1.0), (1e-12, 1e-12), (0.8,), (float(norm.ppf(0.9)),)) for n in LAWS},
+        provenance,
+    )
+    calibration = {name: _calibrate(name, runs, uncalibrated) for name in LAWS}
+    return Priors(laws, calibration, provenance, {"n_runs": len(runs)})
+
+
+def _full_fit(name: str, run: FinishedRun, prior: LawPrior):
+    """Fit the law to a run's whole curve after warmup under a weakened prior."""
+    law = LAWS[name]()
+    schedule = Schedule(run.lr_schedule)
+    obs = Observations(128)
+    keep = (run.steps > schedule.warmup_steps) & (run.steps <= run.final_step)
+    for s, y in zip(run.steps[keep], run.loss[keep], strict=False):
+        obs.add(int(s), float(y))
+    binned = obs.binned()
+    min_loss = float(binned.loss.min())
+    weak = LawPrior(
+        prior.mean, {k: 3.0 * v for k, v in prior.std.items()}, (prior.l0_ratio[0], 1.0)
+    )
+    gp = weak.for_run(min_loss, schedule.peak_lr)
+    x = LawInputs.at(schedule, binned.step)
+    sigma = _bin_noise(binned.point_noise, binned.count, min_loss)
+    starts = _initial_starts(law, gp, binned.step, binned.loss, schedule)
+    result = fit_law(law, x, binned.loss, sigma, starts, prior=gp, max_iter=500)
+    return law, schedule, result
+
+
+def _law_prior(name: str, runs: Sequence[FinishedRun], base: LawPrior) -> LawPrior:
+    params, groups, l0_ratios, l0_groups = [], [], [], []
+    for run in runs:
+        law, schedule, result = _full_fit(name, run, base)
+        if not result.success:
+            continue
+        theta = dict(zip(law.params, result.params, strict=False))
+        theta["log_amp"] -= base.amp_lr_exponent * np.log(schedule.peak_lr)
+        params.append(theta)
+        groups.append(getattr(run, "source", None))
+        for cut in CALIBRATION_CUTOFFS:
+            seen = (run.steps > schedule.warmup_steps) & (run.steps <= cut * schedule.total_steps)
+            if seen.any():
+                l0_ratios.append(theta["L0"] / float(run.loss[seen].min()))
+                l0_groups.append(groups[-1])
+    mean, std = {}, {}
+    for p in base.mean:
+        centre, spread = _balanced(np.array([t[p] for t in params]), groups)
+        mean[p] = centre
+        std[p] = max(1.25 * spread, 0.5 * base.std[p])
+    centre, spread = _balanced(np.array(l0_ratios), l0_groups)
+    return LawPrior(mean, std, (centre, max(1.25 * spread, 0.01)), base.amp_lr_exponent)
+
+
+def _backtests(name: str, runs: Sequence[FinishedRun], priors: Priors) -> list[_Backtest]:
+    out = []
+    z = float(norm.ppf(0.9))
+    for run, weight in zip(runs, _source_weights(runs), strict=False):
+        for cut in CALIBRATION_CUTOFFS:
+            fc = Forecaster(run.lr_schedule, law=name, target_step=run.final_step, priors=priors)
+            seen = run.steps <= cut * fc.schedule.total_steps
+            for s, y in zip(run.steps[seen], run.loss[seen], strict=False):
+                fc.update(int(s), float(y))
+            f = fc.forecast()
+            if f is None:
+                continue
+            progress = fc.schedule.area[f.observed_step] / fc.schedule.area[-1]
+            out.append(
+                _Backtest(
+                    float(progress),
+                    (f.loss - run.final_loss) / run.final_loss,
+                    (f.high - f.loss) / z / f.loss,
+                    weight,
+                )
+            )
+    return out
+
+
+def _calibrate(name: str, runs: Sequence[FinishedRun], priors: Priors) -> Calibration:
+    """Model-error scale per progress knot so that 80% intervals cover 80% of backtests.
+
+    Then the quantiles of the standardised errors give the interval multiplier at each
+    coverage level, since real forecast errors have heavier tails than a Gaussian.
+    """
+    tests = _backtests(name, runs, priors)
+    p = np.array([t.progress for t in tests])
+    e = np.abs([t.rel_error for t in tests])
+    s = np.array([t.rel_fit_std for t in tests])
+    weight = np.array([t.weight for t in tests])
+    z = float(norm.ppf(0.9))
+    knots, scales = [], []
+    for k in _PROGRESS_KNOTS:
+        # Backtests near the knot, weighted by distance in progress (triangular kernel).
+        w = weight * np.maximum(0.0, 1.0 - np.abs(p - k) / 0.15)
+        if np.count_nonzero(w) < 3:
+            continue
+        lo, hi = 1e-6, 0.5
+        for _ in range(60):  # bisection on the model-error scale for weighted 80% coverage
+            mid = np.sqrt(lo * hi)
+            covered = e <= z * np.sqrt(s**2 + mid**2)
+            if np.sum(w * covered) / w.sum() >= 0.8:
+                hi = mid
+            else:
+                lo = mid
+        knots.append(k)
+        scales.append(hi)
+    # Errors shrink as training proceeds: enforce a non-increasing scale.
+    scales = list(np.maximum.accumulate(scales[::-1])[::-1])
+    scale_at = np.exp(np.interp(p, knots, np.log(scales)))
+    u = e / np.sqrt(s**2 + scale_at**2)
+    z_table = tuple(float(_weighted_quantile(u, weight, q)) for q in _LEVELS)
+    return Calibration(tuple(knots), tuple(float(v) for v in scales), _LEVELS, z_table)
+
+
+def _weighted_quantile(
+    values: NDArray[np.float64], weights: NDArray[np.float64], q: float
+) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, q * cum[-1])])

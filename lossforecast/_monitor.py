@@ -1,0 +1,481 @@
+"""Forecasting from a plain training loop: ``Monitor.step(loss)`` after each optimizer step."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._background import BackgroundFitter
+from ._forecaster import Forecast, Forecaster
+from ._schedule import Schedule
+
+__all__ = [
+    "Monitor",
+    "train_loss_step",
+    "join_schedule",
+    "forecast_metrics",
+    "check_forecaster_options",
+    "never_raises",
+    "MonitorAccess",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+_FAILED = object()  # what a guarded call returns when it raised
+
+
+def train_loss_step(updates: int, window: int = 1) -> int:
+    """Schedule step of the mean training loss of the last ``window`` batches.
+
+    Batch ``b`` is trained on the model that updates ``0..b-1`` produced, so its loss
+    measures the loss after step ``b - 1`` of the schedule (the law's ``L(s)`` is the loss
+    once update ``s`` is applied). When ``updates`` optimizer steps are done, the last
+    ``window`` batches are ``updates - window .. updates - 1``; their mean is placed at the
+    mean of their steps, rounded down. A negative result means the window only holds the
+    loss before any update (skip it).
+
+    Examples
+    --------
+    >>> train_loss_step(10), train_loss_step(10, window=4)
+    (8, 6)
+    """
+    return (2 * updates - window - 3) // 2
+
+
+def join_schedule(
+    saved: ArrayLike | None, start: int, future: ArrayLike
+) -> tuple[NDArray[np.float64], str | None]:
+    """The planned schedule of a run resumed after ``start`` steps: the past, then ``future``.
+
+    The past comes from ``saved`` (the schedule in the saved forecaster state). Without it
+    the past LR is unknown and assumed equal to ``future[0]``; the second value then says
+    so, else it is None.
+    """
+    future = np.asarray(future, dtype=np.float64)
+    if start == 0:
+        return future, None
+    if saved is not None and len(saved) >= start:
+        return np.concatenate([np.asarray(saved, dtype=np.float64)[:start], future]), None
+    note = (
+        f"the LR of the {start} steps before this resumed run is unknown (no saved lossforecast "
+        f"state); the forecast assumes it was {future[0]:.6g}."
+    )
+    return np.concatenate([np.full(start, future[0]), future]), note
+
+
+def never_raises(hook: Callable[..., Any]) -> Callable[..., None]:
+    """Wrap an adapter hook so an error inside lossforecast is logged once per hook and swallowed.
+
+    The warning names the hook; training goes on.
+    """
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            hook(self, *args, **kwargs)
+        except Exception as exc:
+            failed = self.__dict__.setdefault("_failed_hooks", set())
+            if hook.__name__ not in failed:
+                failed.add(hook.__name__)
+                logger.warning(
+                    "lossforecast: %s failed (%s: %s); training goes on.",
+                    hook.__name__,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    return wrapper
+
+
+def forecast_metrics(forecast: Forecast) -> dict[str, float]:
+    """The scalars adapters log for a forecast: ``lossforecast/forecast`` and its interval.
+
+    Examples
+    --------
+    >>> f = Forecast(99, 2.0, 1.9, 2.1, 0.8, "multi-power", 40, 0.01, 50)
+    >>> sorted(forecast_metrics(f))
+    ['lossforecast/forecast', 'lossforecast/forecast_high', 'lossforecast/forecast_low']
+    """
+    return {
+        "lossforecast/forecast": forecast.loss,
+        "lossforecast/forecast_low": forecast.low,
+        "lossforecast/forecast_high": forecast.high,
+    }
+
+
+def check_forecaster_options(options: dict[str, Any]) -> None:
+    """Raise now, not when training starts, if ``options`` would not build a Forecaster.
+
+    ``target_step`` is checked against the schedule only once the schedule is known.
+
+    Raises
+    ------
+    TypeError
+        If an option is not a :class:`~lossforecast.Forecaster` keyword.
+    ValueError
+        If an option is out of range.
+    """
+    probe = {k: v for k, v in options.items() if k != "target_step"}
+    target = options.get("target_step")
+    if target is not None and (
+        isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0
+    ):
+        raise ValueError(f"`target_step` must be a non-negative int, got {target!r}.")
+    Forecaster(np.ones(2), **probe)
+
+
+class Monitor:
+    """Forecast the final loss from a plain PyTorch training loop.
+
+    Call :meth:`step` with the batch loss after every ``optimizer.step()``. Losses are
+    averaged over ``every_n_steps`` steps (on the loss's own device: a tensor is only read
+    once per window) and fed to a :class:`~lossforecast.Forecaster`, which is refitted on a
+    background thread; :meth:`forecast` returns the latest forecast without waiting. No
+    error inside lossforecast reaches the training loop: it is logged once and counted in
+    :attr:`n_errors`.
+
+    Parameters
+    ----------
+    lr_schedule : array_like, shape (T,), optional
+        Planned LR of every optimizer step. If not given, it is captured from ``scheduler``
+        (or ``optimizer``) by simulating a copy of it for ``total_steps`` steps (needs torch).
+    optimizer : torch.optim.Optimizer, optional
+        Optimizer whose parameter group 0 sets the LR. Defaults to ``scheduler.optimizer``.
+        Without a scheduler its current LR is assumed for the whole run.
+    scheduler : torch LR scheduler, optional
+        Scheduler stepped once after every optimizer step. ``ReduceLROnPlateau`` (or one
+        that cannot be copied) is reported once and the current LR is assumed from then on.
+    total_steps : int, optional
+        Planned number of optimizer steps; required unless ``lr_schedule`` is given (then
+        it must equal its length).
+    every_n_steps : int, optional
+        Steps per averaged observation. Default 1.
+    **forecaster_options
+        Passed to :class:`~lossforecast.Forecaster` (``law``, ``target_step``,
+        ``coverage``, ``max_bins``, ``min_points``, ``priors``).
+
+    Attributes
+    ----------
+    forecaster : Forecaster
+        The forecaster fed; ``forecaster.forecast()`` refits synchronously.
+    schedule_note : str or None
+        Why the schedule is not exactly the planned one, when it is not.
+    n_errors : int
+        Errors caught inside lossforecast.
+
+    Raises
+    ------
+    ValueError
+        If neither a schedule nor an optimizer or scheduler is given, if ``total_steps`` or
+        ``every_n_steps`` is not a positive int, or if a forecaster option is invalid.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lr = np.r_[np.linspace(1e-4, 1e-3, 50), np.full(950, 1e-3)]
+    >>> mon = Monitor(lr, every_n_steps=10)
+    >>> for s in range(400):
+    ...     mon.step(3.0 + 2.0 * (s + 1) ** -0.5)
+    >>> f = mon.forecaster.forecast()
+    >>> f.step, f.low < f.loss < f.high
+    (999, True)
+    >>> mon.close()
+    True
+    """
+
+    def __init__(
+        self,
+        lr_schedule: ArrayLike | None = None,
+        *,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        total_steps: int | None = None,
+        every_n_steps: int = 1,
+        **forecaster_options: Any,
+    ) -> None:
+        _check_positive_int("every_n_steps", every_n_steps)
+        if total_steps is not None:
+            _check_positive_int("total_steps", total_steps)
+        if lr_schedule is None:
+            if optimizer is None and scheduler is None:
+                raise ValueError(
+                    "give `lr_schedule`, or `optimizer` and/or `scheduler` with `total_steps`."
+                )
+            if total_steps is None:
+                raise ValueError(
+                    "`total_steps` is needed to capture the schedule from `optimizer`/`scheduler`."
+                )
+            if optimizer is None:
+                optimizer = getattr(scheduler, "optimizer", None)
+                if optimizer is None:
+                    raise ValueError(
+                        f"`scheduler` has no `.optimizer`; pass `optimizer=`, got {scheduler!r}."
+                    )
+            self._capture_from = (optimizer, scheduler)
+            lr, self.schedule_note = self._capture(total_steps)
+            if self.schedule_note is not None:
+                logger.warning("lossforecast: %s", self.schedule_note)
+        else:
+            lr = np.asarray(lr_schedule, dtype=np.float64)
+            if total_steps is not None and lr.ndim == 1 and len(lr) != total_steps:
+                raise ValueError(
+                    f"`total_steps` is {total_steps} but `lr_schedule` has {len(lr)} steps."
+                )
+            self._capture_from = None
+            self.schedule_note = None
+        self.every_n_steps = int(every_n_steps)
+        self._options = dict(forecaster_options)
+        self.forecaster = Forecaster(lr, **self._options)
+        self._fitter = BackgroundFitter(self.forecaster)
+        self._updates = 0
+        self._window_start = 0
+        self._window = LossWindow()
+        self._failed: set[str] = set()
+        self.n_errors = 0
+        self._latest: Forecast | None = None
+        self._forecast_fits = -1
+
+    @classmethod
+    def for_run(
+        cls,
+        total_steps: int,
+        capture: Callable[[int], tuple[ArrayLike, str | None]] | None = None,
+        *,
+        lr_schedule: ArrayLike | None = None,
+        start_step: int = 0,
+        state: dict | None = None,
+        **forecaster_options: Any,
+    ) -> Monitor:
+        """A monitor for a run of ``total_steps`` steps that starts (or resumes) at ``start_step``.
+
+        For framework adapters. The schedule is ``lr_schedule`` if given, else the saved
+        past (from ``state``) followed by ``capture(total_steps - start_step)``, which returns
+        the next LRs and a note (or None) saying why they are not exact. ``state`` (a
+        :meth:`state_dict`) is restored when given; one that cannot be is logged and skipped.
+        Every note is logged once as a warning and kept in :attr:`schedule_note`.
+        """
+        if lr_schedule is not None:
+            lr, note = np.asarray(lr_schedule, dtype=np.float64), None
+            if len(lr) != total_steps:
+                logger.warning(
+                    "lossforecast: `lr_schedule` has %d steps but the trainer plans %d.",
+                    len(lr),
+                    total_steps,
+                )
+        else:
+            if capture is None:
+                raise ValueError("give `lr_schedule` or `capture`.")
+            future, capture_note = capture(total_steps - start_step)
+            past = state["forecaster"]["lr_schedule"] if state else None
+            lr, note = join_schedule(past, start_step, future)
+            note = note or capture_note
+        if note is not None:
+            logger.warning("lossforecast: %s", note)
+        monitor = cls(lr, **forecaster_options)
+        monitor.schedule_note = note
+        if state:
+            try:
+                monitor.load_state_dict(state)
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("lossforecast: saved state not restored (%s); starting afresh.", exc)
+        return monitor
+
+    # ------------------------------------------------------------------ feeding
+    def step(self, loss: Any) -> None:
+        """Record the loss of the batch just trained; call once after each ``optimizer.step()``.
+
+        ``loss`` is a float or a tensor (detached and summed on its device, read once per
+        window).
+        """
+        self._updates += 1
+        self._guard("record the loss", self._window.add, loss)
+        total = self.forecaster.schedule.total_steps
+        if self._updates % self.every_n_steps and self._updates != total:
+            return
+        mean = self._guard("read the loss", self._window.take_mean)
+        window = self._updates - self._window_start
+        self._window_start = self._updates
+        if mean is not None and mean is not _FAILED:
+            self.observe(train_loss_step(self._updates, window), mean)
+
+    def observe(self, step: int, loss: float) -> None:
+        """Record ``loss`` at schedule ``step`` and ask for a background refit (never raises)."""
+        if step < 0:
+            return
+        if self._guard("update the forecaster", self.forecaster.update, step, loss) is not _FAILED:
+            self._fitter.notify()
+
+    @property
+    def updates(self) -> int:
+        """Optimizer steps seen (including those before a restored state)."""
+        return self._updates
+
+    # ------------------------------------------------------------------ reading
+    def forecast(self) -> Forecast | None:
+        """The latest forecast, from the last background fit (never waits, never raises)."""
+        fits = self._fitter.n_fits
+        if fits != self._forecast_fits:  # recompute only after a new background fit
+            result = self._guard("read the forecast", self.forecaster.forecast, refit=False)
+            self._latest = None if result is _FAILED else result
+            self._forecast_fits = fits
+        return self._latest
+
+    def finish(self, timeout: float = 5.0) -> Forecast | None:
+        """Stop background fitting and return a forecast from all the data (never raises).
+
+        Makes one last synchronous fit, unless background fits have been failing.
+        """
+        self.close(timeout)
+        if self._fitter.n_errors:
+            return self.forecast()
+        result = self._guard("fit the final forecast", self.forecaster.forecast)
+        return None if result is _FAILED else result
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop background fitting, waiting at most ``timeout`` seconds; True if it stopped."""
+        return self._fitter.close(timeout)
+
+    @property
+    def fitter(self) -> BackgroundFitter:
+        """The background fitter (its ``n_fits``, ``n_errors`` and ``fit_seconds``)."""
+        return self._fitter
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """JSON-safe state: optimizer steps seen and the forecaster's state."""
+        return {
+            "version": STATE_VERSION,
+            "updates": self._updates,
+            "forecaster": self.forecaster.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` output (not modified).
+
+        A schedule captured from a scheduler is captured again from its current state (the
+        resumed one) and joined to the saved past, so a run whose length changed on resume
+        keeps a correct schedule.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"state has version {state.get('version')!r}, expected {STATE_VERSION}."
+            )
+        updates = int(state["updates"])
+        saved = state["forecaster"]
+        total = self.forecaster.schedule.total_steps
+        if self._capture_from is not None and 0 < updates < total:
+            future, self.schedule_note = self._capture(total - updates)
+            lr, _ = join_schedule(saved["lr_schedule"], updates, future)
+            self._fitter.close(0.0)
+            self.forecaster = Forecaster(lr, **self._options)
+            self._fitter = BackgroundFitter(self.forecaster)
+        self.forecaster.load_state_dict({**saved, "lr_schedule": self.forecaster.schedule.lr})
+        self._updates = self._window_start = updates
+        self._window = LossWindow()
+        self._latest, self._forecast_fits = None, -1
+
+    # ------------------------------------------------------------------ helpers
+    def _capture(self, n_steps: int) -> tuple[NDArray[np.float64], str | None]:
+        from lossforecast.integrations._schedule_capture import capture_schedule  # needs torch
+
+        optimizer, scheduler = self._capture_from
+        captured = capture_schedule(
+            optimizer, [scheduler] if scheduler is not None else [], n_steps
+        )
+        return captured.lr, captured.note
+
+    def _guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn``; on error log once per ``what``, count it and return ``_FAILED``."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self.n_errors += 1
+            if what not in self._failed:
+                self._failed.add(what)
+                logger.warning(
+                    "lossforecast: could not %s (%s: %s); training goes on.",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                )
+            return _FAILED
+
+    def __repr__(self) -> str:
+        return (
+            f"Monitor(updates={self._updates}, every_n_steps={self.every_n_steps}, "
+            f"forecaster={self.forecaster!r})"
+        )
+
+
+class MonitorAccess:
+    """Shared part of the framework callbacks: their options and read access to their Monitor.
+
+    The callback builds its :class:`Monitor` (``self._monitor``) when training starts, on
+    the process that forecasts; before that and elsewhere these read None.
+    """
+
+    _monitor: Monitor | None = None
+
+    def _configure(
+        self, monitor: str, lr_schedule: ArrayLike | None, options: dict[str, Any]
+    ) -> None:
+        """Validate and keep the options every callback takes."""
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}.")
+        self._lr_schedule = None if lr_schedule is None else Schedule(lr_schedule).lr
+        check_forecaster_options(options)
+        self.monitor = monitor
+        self._options = dict(options)
+        self._monitor = None
+
+    @property
+    def forecaster(self) -> Forecaster | None:
+        """The core forecaster (None before training starts and off the forecasting process)."""
+        return None if self._monitor is None else self._monitor.forecaster
+
+    @property
+    def schedule_note(self) -> str | None:
+        """Why the schedule is not exactly the planned one, when it is not."""
+        return None if self._monitor is None else self._monitor.schedule_note
+
+    def forecast(self) -> Forecast | None:
+        """The latest forecast from the background fit (never waits)."""
+        return None if self._monitor is None else self._monitor.forecast()
+
+
+class LossWindow:
+    """Sum of losses since the last read; tensors stay on their device until read."""
+
+    def __init__(self) -> None:
+        self._sum: Any = None
+        self.count = 0
+
+    def add(self, loss: Any) -> None:
+        """Add one loss (a float or a tensor, detached first)."""
+        detach = getattr(loss, "detach", None)
+        value = detach() if detach is not None else float(loss)
+        self._sum = value if self._sum is None else self._sum + value
+        self.count += 1
+
+    def take_sum(self) -> tuple[Any, int]:
+        """(sum, count) so far, then start over."""
+        total, count = self._sum, self.count
+        self._sum, self.count = None, 0
+        return total, count
+
+    def take_mean(self) -> float | None:
+        """Mean so far as a float (None if empty), then start over."""
+        total, count = self.take_sum()
+        return None if count == 0 else float(total) / count
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")

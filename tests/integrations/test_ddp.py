@@ -1,0 +1,111 @@
+"""A real 2-process DDP training (gloo, CPU): rank zero forecasts from the rank-averaged loss.
+
+Run by pytest, this file starts itself as a script (``python test_ddp.py OUTDIR``); Lightning's
+DDP launcher then starts the second rank the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STEPS = 20
+EVERY = 2
+
+
+def _train(out: Path) -> None:
+    import lightning.pytorch as pl
+    import torch
+    from lossforecast.integrations.lightning import LossForecastCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+            self.losses: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.losses.append(float(loss))
+            return loss
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.05)
+            warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 4, 1.0))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(STEPS * 2 * 4, 4, generator=g)
+            data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+            return torch.utils.data.DataLoader(data, batch_size=4)
+
+    torch.manual_seed(0)
+    cb = LossForecastCallback(every_n_steps=EVERY)
+    model = Tiny()
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    trainer.fit(model)
+    result = {
+        "rank": trainer.global_rank,
+        "losses": model.losses,
+        "state": None if cb.forecaster is None else cb.forecaster.state_dict()["observations"],
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def test_ddp_forecasts_on_rank_zero_from_the_rank_averaged_loss(tmp_path):
+    pytest.importorskip("lightning")
+    torch = pytest.importorskip("torch")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as sock:  # a free port for the process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank1["state"] is None  # only global rank zero forecasts
+    assert len(rank0["losses"]) == len(rank1["losses"]) == STEPS
+    assert rank0["losses"] != rank1["losses"]  # the ranks saw different data
+
+    mean = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"], strict=True)]
+    windows = [sum(mean[i : i + EVERY]) / EVERY for i in range(EVERY, STEPS, EVERY)]
+    observed = [
+        v
+        for v, n in zip(
+            rank0["state"]["bins"]["sum_loss"], rank0["state"]["bins"]["n"], strict=True
+        )
+        if n
+    ]
+    assert rank0["state"]["n_total"] == STEPS // EVERY - 1  # one point per window, once
+    assert observed == pytest.approx(windows, rel=1e-5)
+
+
+if __name__ == "__main__":
+    _train(Path(sys.argv[1]))

@@ -1,0 +1,117 @@
+"""Backtests: prefixes replayed into fresh forecasters, scored against the truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lossforecast import BacktestPoint, Forecast, Schedule, backtest
+
+T = 4000
+WARM = 200
+
+
+def _run(every: int = 20):
+    t = np.arange(T - WARM) / (T - WARM)
+    lr = 1e-3 * np.r_[np.linspace(0.01, 1.0, WARM), 0.1 + 0.45 * (1 + np.cos(np.pi * t))]
+    steps = np.arange(0, T, every)
+    rng = np.random.default_rng(0)
+    loss = 2.5 + 4.0 * (steps + 50.0) ** -0.35 + rng.normal(0, 0.002, steps.size)
+    return steps, loss, lr
+
+
+def test_backtest_structure_and_defaults():
+    steps, loss, lr = _run()
+    points = backtest(steps, loss, lr)
+    assert [p.cutoff for p in points] == [0.1, 0.25, 0.5, 0.75, 0.9]
+    for p in points:
+        assert isinstance(p, BacktestPoint)
+        assert p.truth == loss[-1]  # default truth: the loss at the last logged step
+        assert p.observed_step == steps[steps <= p.cutoff * T][-1]
+        assert isinstance(p.forecast, Forecast)
+        assert p.forecast.step == steps[-1]  # default final step: the last logged one
+        assert p.forecast.observed_step <= p.observed_step
+        assert p.rel_error == pytest.approx((p.forecast.loss - p.truth) / p.truth)
+        assert p.covered == (p.forecast.low <= p.truth <= p.forecast.high)
+        assert p.trajectory is None
+        assert math.isfinite(p.rel_error) and abs(p.rel_error) < 0.2  # loose sanity only
+    assert abs(points[-1].rel_error) < 0.05
+
+
+def test_backtest_options_reach_the_forecaster():
+    steps, loss, lr = _run()
+    points = backtest(
+        steps,
+        loss,
+        Schedule(lr),
+        cutoffs=(0.75, 0.5),
+        final_step=3000,
+        truth=2.9,
+        law="lr-annealing",
+        coverage=0.5,
+    )
+    assert [p.cutoff for p in points] == [0.75, 0.5]  # order kept
+    for p in points:
+        assert p.truth == 2.9
+        assert p.forecast.step == 3000
+        assert p.forecast.law == "lr-annealing"
+        assert p.forecast.coverage == 0.5
+
+
+def test_backtest_without_data_before_a_cutoff():
+    steps, loss, lr = _run()
+    late = steps >= 0.3 * T
+    points = backtest(steps[late], loss[late], lr, cutoffs=(0.1, 1.0))
+    empty, full = points
+    assert empty.observed_step is None and empty.forecast is None
+    assert empty.rel_error is None and empty.covered is None
+    assert full.observed_step == steps[-1] and full.forecast is not None
+
+
+def test_backtest_trajectory():
+    steps, loss, lr = _run()
+    points = backtest(steps, loss, lr, cutoffs=(0.5,), trajectory_steps=np.arange(0, T, 100))
+    traj = points[0].trajectory
+    assert traj is not None
+    assert traj.steps.min() >= points[0].observed_step
+    assert traj.loss.shape == traj.low.shape == traj.high.shape == traj.steps.shape
+    assert np.all(traj.low <= traj.loss) and np.all(traj.loss <= traj.high)
+
+
+def test_backtest_skips_nonfinite_losses():
+    steps, loss, lr = _run()
+    loss = loss.copy()
+    loss[[10, 40, 70]] = [np.nan, np.inf, np.nan]
+    points = backtest(steps, loss, lr, cutoffs=(0.5,))
+    assert points[0].forecast is not None and math.isfinite(points[0].forecast.loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cutoffs": (0.0,)}, r"`cutoffs` must be shares of the run in \(0, 1\], got 0.0"),
+        ({"cutoffs": (1.5,)}, r"`cutoffs` must be shares of the run in \(0, 1\], got 1.5"),
+        ({"cutoffs": ()}, "`cutoffs` is empty"),
+        ({"final_step": T}, r"`final_step` must be in 0..3999"),
+        ({"truth": float("nan")}, "`truth` must be finite"),
+        ({"law": "nope"}, "`law` must be one of"),
+    ],
+)
+def test_backtest_bad_options(kwargs, match):
+    steps, loss, lr = _run()
+    with pytest.raises(ValueError, match=match):
+        backtest(steps, loss, lr, **kwargs)
+
+
+def test_backtest_bad_data():
+    steps, loss, lr = _run()
+    with pytest.raises(ValueError, match="same length"):
+        backtest(steps, loss[:-1], lr)
+    with pytest.raises(ValueError, match="empty"):
+        backtest([], [], lr)
+    with pytest.raises(ValueError, match="outside the planned schedule"):
+        backtest(np.r_[steps, T], np.r_[loss, 2.0], lr)
+    with pytest.raises(ValueError, match="steps must increase"):
+        backtest(steps[::-1], loss, lr)

@@ -1,0 +1,84 @@
+"""Tests for deriving priors and calibration from finished runs."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from lossforecast import Forecaster, Priors
+from lossforecast._derive import derive_priors
+from lossforecast._laws import LawInputs, MultiPowerLaw
+from lossforecast._schedule import Schedule
+
+
+@dataclass
+class _Run:
+    steps: np.ndarray
+    loss: np.ndarray
+    lr_schedule: np.ndarray
+    final_step: int
+    final_loss: float
+
+
+def _wsd(total: int, peak: float, cooldown: float = 0.2) -> np.ndarray:
+    warm = total // 20
+    start = int(total * (1 - cooldown))
+    lr = np.full(total, peak)
+    lr[:warm] = np.linspace(0, peak, warm, endpoint=False)
+    lr[start:] = np.linspace(peak, 0.0, total - start)
+    return lr
+
+
+def _synthetic_run(total: int, peak: float, l0: float, seed: int) -> _Run:
+    """A curve drawn from the Multi-Power Law itself, with small noise."""
+    law = MultiPowerLaw()
+    lr = _wsd(total, peak)
+    schedule = Schedule(lr)
+    theta = np.array([l0, 1.2, 0.45, np.log(6.0) + 0.5 * np.log(peak), -5.0, 0.7, 0.8])
+    steps = np.arange(total // 20, total, 50)
+    clean = law.predict(theta, LawInputs.at(schedule, steps))
+    loss = clean + np.random.default_rng(seed).normal(0, 2e-3, len(steps))
+    return _Run(steps, loss, lr, int(steps[-1]), float(clean[-1]))
+
+
+@pytest.fixture(scope="module")
+def derived():
+    runs = [
+        _synthetic_run(4000, 1e-3, 3.0, 0),
+        _synthetic_run(6000, 5e-4, 2.6, 1),
+        _synthetic_run(5000, 2e-3, 3.3, 2),
+    ]
+    return runs, derive_priors(runs, provenance="synthetic")
+
+
+def test_needs_two_runs():
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        derive_priors([_synthetic_run(4000, 1e-3, 3.0, 0)])
+
+
+def test_recovers_the_generating_amplitude(derived):
+    _, priors = derived
+    mp = priors.laws["multi-power"]
+    # the amplitude was drawn as log(6) + 0.5 log(peak): per unit sqrt(peak) it is log(6)
+    assert mp.mean["log_amp"] == pytest.approx(np.log(6.0), abs=0.5)
+    assert mp.mean["alpha"] == pytest.approx(0.45, abs=0.15)
+    assert priors.provenance == "synthetic"
+
+
+def test_calibration_is_non_increasing_in_progress(derived):
+    _, priors = derived
+    for cal in priors.calibration.values():
+        assert list(cal.progress) == sorted(cal.progress)
+        assert all(a >= b for a, b in zip(cal.rel_std, cal.rel_std[1:], strict=False))
+
+
+def test_derived_priors_round_trip_and_forecast(derived):
+    runs, priors = derived
+    again = Priors.from_dict(priors.to_dict())
+    run = runs[0]
+    fc = Forecaster(run.lr_schedule, target_step=run.final_step, priors=again)
+    for s, y in zip(run.steps[:40], run.loss[:40], strict=False):
+        fc.update(int(s), float(y))
+    f = fc.forecast()
+    assert f is not None
+    assert f.low <= run.final_loss <= f.high

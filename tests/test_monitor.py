@@ -1,0 +1,249 @@
+"""Tests for Monitor (plain training loops) and the helpers the adapters share with it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lossforecast import Forecast, Forecaster, Monitor
+from lossforecast._monitor import (
+    check_forecaster_options,
+    forecast_metrics,
+    join_schedule,
+    never_raises,
+    train_loss_step,
+)
+
+T = 400
+LR = np.r_[
+    np.linspace(1e-4, 1e-3, 40), 1e-3 * 0.5 * (1 + np.cos(np.pi * np.arange(T - 40) / (T - 40)))
+]
+
+
+def _loss(step):
+    return 2.0 + 3.0 * (step + 10) ** -0.4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "give `lr_schedule`"),
+        ({"optimizer": object()}, "`total_steps`"),
+        ({"lr_schedule": LR, "total_steps": 10}, "`total_steps` is 10"),
+        ({"lr_schedule": LR, "every_n_steps": 0}, "`every_n_steps`"),
+        ({"lr_schedule": LR, "total_steps": -5}, "`total_steps`"),
+        ({"scheduler": object(), "total_steps": 5}, "no `.optimizer`"),
+        ({"lr_schedule": LR, "coverage": 2.0}, "`coverage`"),
+    ],
+)
+def test_constructor_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Monitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("updates", "window", "expected"),
+    [(1, 1, -1), (2, 1, 0), (10, 1, 8), (10, 2, 7), (10, 4, 6), (50, 50, 23)],
+)
+def test_train_loss_step(updates, window, expected):
+    # mean of steps (updates - window - 1) .. (updates - 2), rounded down
+    assert train_loss_step(updates, window) == expected
+
+
+def test_step_feeds_window_means_at_their_mean_step():
+    mon = Monitor(LR, every_n_steps=5)
+    for s in range(100):
+        mon.step(float(s))  # the loss of batch s is s
+    state = mon.forecaster.state_dict()["observations"]
+    assert mon.updates == 100 and mon.forecaster.n_points == 20
+    assert mon.forecaster.last_step == train_loss_step(100, 5) == 96
+    # window (95..99) has mean loss 97 and belongs to steps 94..98
+    assert state["last_loss"] == 97.0
+    assert mon.close()
+
+
+def test_forecast_in_the_background_matches_a_synchronous_fit():
+    mon = Monitor(LR, every_n_steps=4)
+    for s in range(240):
+        mon.step(_loss(s))
+    deadline = time.monotonic() + 10.0
+    while mon.forecast() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the fit runs in the background
+    background = mon.forecast()
+    assert mon.close()
+    assert isinstance(background, Forecast) and background.step == T - 1
+    assert mon.fitter.n_fits >= 1 and mon.fitter.n_errors == 0
+    assert background.low < background.loss < background.high
+
+
+def test_tensor_losses_are_read_once_per_window():
+    torch = pytest.importorskip("torch")
+    mon = Monitor(LR, every_n_steps=3)
+    for s in range(9):
+        mon.step(torch.tensor(float(s), requires_grad=True) * 1.0)
+    assert mon.forecaster.state_dict()["observations"]["last_loss"] == 7.0
+    mon.close()
+
+
+def test_steps_past_the_schedule_never_raise(caplog):
+    mon = Monitor(LR[:10])
+    with caplog.at_level("WARNING", logger="lossforecast"):
+        for _ in range(30):
+            mon.step(1.0)
+    assert mon.n_errors == 19 and mon.forecaster.last_step == 9
+    assert sum("outside the planned schedule" in r.getMessage() for r in caplog.records) == 1
+    mon.close()
+
+
+@pytest.mark.parametrize("broken", ["refit", "update", "forecast"])
+def test_broken_forecaster_never_raises(broken, monkeypatch):
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("deliberately broken")
+
+    monkeypatch.setattr(Forecaster, broken, boom)
+    mon = Monitor(LR, every_n_steps=2)
+    for s in range(200):
+        mon.step(_loss(s))
+    assert mon.forecast() is None
+    assert mon.close()
+
+
+def test_state_round_trip_continues_the_run():
+    full = Monitor(LR, every_n_steps=5)
+    first = Monitor(LR, every_n_steps=5)
+    for s in range(300):
+        full.step(_loss(s))
+        if s < 150:
+            first.step(_loss(s))
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = Monitor(LR, every_n_steps=5)
+    resumed.load_state_dict(state)
+    assert state == first.state_dict()  # not modified
+    for s in range(150, 300):
+        resumed.step(_loss(s))
+    assert resumed.updates == 300
+    assert (
+        resumed.forecaster.state_dict()["observations"]
+        == full.forecaster.state_dict()["observations"]
+    )
+    for mon in (full, first, resumed):
+        mon.close()
+
+
+def test_load_rejects_another_version():
+    mon = Monitor(LR)
+    with pytest.raises(ValueError, match="version"):
+        mon.load_state_dict({"version": 99})
+
+
+def test_schedule_captured_from_a_torch_scheduler_and_recaptured_on_resume():
+    torch = pytest.importorskip("torch")
+
+    def make():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+
+    opt, sched = make()
+    mon = Monitor(optimizer=opt, scheduler=sched, total_steps=100)
+    planned = mon.forecaster.schedule.lr.copy()
+    for _ in range(30):
+        opt.step()
+        sched.step()
+        mon.step(1.0)
+    assert planned[30] == pytest.approx(opt.param_groups[0]["lr"])
+    state = mon.state_dict()
+    mon.close()
+
+    opt2, sched2 = make()
+    sched2.load_state_dict(sched.state_dict())
+    opt2.param_groups[0]["lr"] = opt.param_groups[0]["lr"]
+    resumed = Monitor(scheduler=sched2, total_steps=100)  # captured from the resumed scheduler...
+    resumed.load_state_dict(state)  # ...then joined to the saved past
+    np.testing.assert_allclose(resumed.forecaster.schedule.lr, planned, rtol=1e-12)
+    resumed.close()
+
+
+def test_plateau_scheduler_is_reported(caplog):
+    torch = pytest.importorskip("torch")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with caplog.at_level("WARNING", logger="lossforecast"):
+        mon = Monitor(
+            optimizer=opt, scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(opt), total_steps=50
+        )
+    assert "ReduceLROnPlateau" in mon.schedule_note
+    assert [r.getMessage() for r in caplog.records] == [f"lossforecast: {mon.schedule_note}"]
+
+
+def test_monitor_runs_with_torch_blocked():
+    code = (
+        "import sys\n"
+        "class Blocker:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'lightning', 'transformers'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Blocker())\n"
+        "import numpy as np\n"
+        "from lossforecast import Monitor\n"
+        "mon = Monitor(np.linspace(1, 0.1, 50), every_n_steps=2)\n"
+        "for s in range(40):\n"
+        "    mon.step(1.0 / (s + 1))\n"
+        "assert mon.close() and mon.n_errors == 0\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("saved", "start", "expected", "noted"),
+    [
+        (None, 0, [3.0, 2.0], False),
+        ([9.0, 8.0, 7.0], 2, [9.0, 8.0, 3.0, 2.0], False),
+        (None, 2, [3.0, 3.0, 3.0, 2.0], True),
+        ([9.0], 2, [3.0, 3.0, 3.0, 2.0], True),
+    ],
+)
+def test_join_schedule(saved, start, expected, noted):
+    lr, note = join_schedule(saved, start, [3.0, 2.0])
+    assert lr.tolist() == expected and (note is not None) == noted
+
+
+def test_forecast_metrics_names():
+    f = Forecast(9, 2.0, 1.5, 2.5, 0.8, "multi-power", 5, 0.0, 4)
+    assert forecast_metrics(f) == {
+        "lossforecast/forecast": 2.0,
+        "lossforecast/forecast_low": 1.5,
+        "lossforecast/forecast_high": 2.5,
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"law": "cubic"}, ValueError, "`law`"),
+        ({"target_step": -2}, ValueError, "`target_step`"),
+        ({"target_step": True}, ValueError, "`target_step`"),
+        ({"horizon": 3}, TypeError, "horizon"),
+    ],
+)
+def test_check_forecaster_options(options, error, match):
+    with pytest.raises(error, match=match):
+        check_forecaster_options(options)
+
+
+def test_never_raises_logs_once_per_hook(caplog):
+    class Hooks:
+        @never_raises
+        def on_step(self):
+            raise KeyError("gone")
+
+    hooks = Hooks()
+    with caplog.at_level("WARNING", logger="lossforecast"):
+        for _ in range(3):
+            hooks.on_step()
+    assert [r.getMessage() for r in caplog.records] == [
+        "lossforecast: on_step failed (KeyError: 'gone'); training goes on."
+    ]

@@ -1,0 +1,57 @@
+"""Tests for the shipped priors, their file format and their per-run units."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lossforecast import Priors
+from lossforecast._laws import LAWS
+
+
+def test_shipped_priors_cover_every_law():
+    priors = Priors.default()
+    assert set(priors.laws) == set(LAWS)
+    assert set(priors.calibration) == set(LAWS)
+    for name, law in LAWS.items():
+        p = priors.laws[name]
+        assert set(p.mean) <= set(law.params)
+        assert all(p.std[k] > 0 for k in p.mean)
+        assert 0.5 < p.l0_ratio[0] < 1.0
+
+
+def test_round_trip_through_json(tmp_path):
+    priors = Priors.default()
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(priors.to_dict()))
+    again = Priors.load(path)
+    assert again.to_dict() == priors.to_dict()
+
+
+def test_wrong_version_is_rejected():
+    d = Priors.default().to_dict()
+    d["version"] = 99
+    with pytest.raises(ValueError, match="version 99"):
+        Priors.from_dict(d)
+
+
+def test_amplitude_prior_scales_with_square_root_of_peak_lr():
+    law = Priors.default().laws["multi-power"]
+    a = law.for_run(3.0, 1e-4).mean["log_amp"]
+    b = law.for_run(3.0, 4e-4).mean["log_amp"]
+    assert b - a == pytest.approx(law.amp_lr_exponent * np.log(4.0))
+
+
+def test_l0_prior_is_relative_to_lowest_loss():
+    law = Priors.default().laws["multi-power"]
+    g = law.for_run(2.0, 1e-3)
+    assert g.mean["L0"] == pytest.approx(2.0 * law.l0_ratio[0])
+    assert g.std["L0"] == pytest.approx(2.0 * law.l0_ratio[1])
+
+
+def test_calibration_interpolates_and_clamps():
+    cal = Priors.default().calibration["multi-power"]
+    assert cal.scale(-1.0) == pytest.approx(cal.rel_std[0])
+    assert cal.scale(2.0) == pytest.approx(cal.rel_std[-1])
+    mid = 0.5 * (cal.progress[0] + cal.progress[1])
+    assert min(cal.rel_std[:2]) <= cal.scale(mid) <= max(cal.rel_std[:2])
