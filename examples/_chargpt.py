@@ -20,8 +20,8 @@ N_LAYER, N_HEAD, N_EMBD = 2, 4, 96
 PEAK_LR, WARMUP_FRACTION, MIN_LR_FRACTION = 3e-3, 0.05, 0.1
 
 
-def parse_args(description: str, steps: int) -> argparse.Namespace:
-    """Command-line options shared by the examples."""
+def parse_args(description: str, steps: int, log_dir: str | None = None) -> argparse.Namespace:
+    """Command-line options shared by the examples (``--log-dir`` when ``log_dir`` is given)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--steps", type=int, default=steps, help=f"optimizer steps (default {steps})"
@@ -30,6 +30,12 @@ def parse_args(description: str, steps: int) -> argparse.Namespace:
         "--batch-size", type=int, default=32, help="sequences per step (default 32)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    if log_dir is not None:
+        parser.add_argument(
+            "--log-dir",
+            default=log_dir,
+            help=f"TensorBoard folder; empty for none (default {log_dir})",
+        )
     return parser.parse_args()
 
 

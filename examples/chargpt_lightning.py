@@ -6,7 +6,10 @@ The README's main demo. One line adds the forecast to a Lightning ``Trainer``::
 
 It trains the small GPT of ``_chargpt.py`` with a warmup + cosine schedule on the Python
 standard library's own source, prints the forecast of the final loss live, and compares it
-with the loss reached at the end::
+with the loss reached at the end. The forecasts also go to TensorBoard, into the run folder
+of the trainer's ``TensorBoardLogger`` (``lightning_logs/chargpt/version_N``; see them with
+``tensorboard --logdir lightning_logs``, or plot them with
+``scripts/render_tensorboard_panels.py``)::
 
     python examples/chargpt_lightning.py             # about 3 minutes on 2 CPU cores
     python examples/chargpt_lightning.py --steps 60  # a quick smoke run
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -62,22 +66,26 @@ class PrintForecast(pl.Callback):
 
 
 def main() -> None:
-    args = _chargpt.parse_args(__doc__.splitlines()[0], steps=3000)
+    args = _chargpt.parse_args(__doc__.splitlines()[0], steps=3000, log_dir="lightning_logs")
     pl.seed_everything(args.seed, verbose=False)
-    forecast = LossForecastCallback(every_n_steps=10)
+    forecast = LossForecastCallback(every_n_steps=10)  # console + TensorBoard by default
     report = _chargpt.Report(args.steps, every=max(args.steps // 12, 1))
     module = CharGPTModule(args.steps, args.batch_size, args.seed)
+    logger = TensorBoardLogger(args.log_dir, name="chargpt") if args.log_dir else False
     trainer = pl.Trainer(
         max_steps=args.steps,
         accelerator="cpu",
         callbacks=[forecast, PrintForecast(forecast, report)],
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(module)
     report.final(module.losses)
+    n = sum(e.kind == "forecast" and not e.is_summary for e in forecast.events)
+    print(f"\n{n} forecast events (forecast.events)", end="")
+    print(f"; TensorBoard run folder: {logger.log_dir}" if logger else "")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ class LossForecastCallback(MonitorAccess, _Callback):
         Planned LR of every optimizer step, instead of capturing it.
     every_n_steps : int, optional
         Optimizer steps per averaged observation; ``trainer.log_every_n_steps`` by default.
+    sinks : list of Sink, optional
+        Where events go (``lossforecast.sinks``). Default: a
+        :class:`~lossforecast.sinks.ConsoleSink`, plus a
+        :class:`~lossforecast.sinks.TensorBoardSink` into the experiment of the trainer's
+        ``TensorBoardLogger`` (the same run folder) when it has one. ``[]``: none.
     **forecaster_options
         Passed to :class:`~lossforecast.Forecaster` (``law``, ``coverage``, ...).
 
@@ -70,13 +75,20 @@ class LossForecastCallback(MonitorAccess, _Callback):
     schedule_note : str or None
         Why the captured schedule is not the exact planned one (ReduceLROnPlateau, a
         scheduler that cannot be copied, a resumed run without saved state), else None.
+    events : list of Event
+        The events of the run so far: a forecast event per new background fit and, at the
+        end of training, one summary (see :class:`~lossforecast.Monitor`).
 
     Notes
     -----
-    The forecast follows parameter group 0 of the first optimizer. The forecast and its
-    interval are logged to every logger of the trainer as ``lossforecast/forecast``,
-    ``lossforecast/forecast_low`` and ``lossforecast/forecast_high`` whenever a new fit is
-    ready. Under DDP only global rank zero forecasts and logs. The state (observations and
+    The forecast follows parameter group 0 of the first optimizer. Whenever a new fit is
+    ready a forecast event goes to the sinks, and the forecast and its interval are logged
+    as ``lossforecast/forecast``, ``lossforecast/forecast_low`` and
+    ``lossforecast/forecast_high`` to every logger of the trainer except a
+    ``TensorBoardLogger`` (TensorBoard gets its ``lossforecast/`` scalars from the
+    TensorBoard sink only). At the end of training a summary event compares the last
+    forecast with the loss reached and the sinks are closed with a bounded wait. Under DDP
+    only global rank zero forecasts and logs. The state (observations and
     schedule) is saved in checkpoints under :attr:`state_key`; a resumed run continues the
     same forecast, with the rest of the schedule captured again from the restored
     schedulers. With manual optimization the schedulers are assumed to step once per
@@ -96,6 +108,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
         *,
         lr_schedule: Any = None,
         every_n_steps: int | None = None,
+        sinks: Any = None,
         **forecaster_options: Any,
     ) -> None:
         if pl is None:
@@ -110,7 +123,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
             raise ValueError(
                 f"`every_n_steps` must be a positive int or None, got {every_n_steps!r}."
             )
-        self._configure(monitor, lr_schedule, forecaster_options)
+        self._configure(monitor, lr_schedule, forecaster_options, sinks)
         self.every_n_steps = every_n_steps
         self._saved: dict | None = None
         self._told: set[str] = set()
@@ -142,6 +155,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
                 lr_schedule=self._lr_schedule,
                 start_step=start,
                 state=self._saved if start > 0 else None,
+                sinks=self._run_sinks(lambda: _tensorboard(trainer)),
                 **self._options,
             )
 
@@ -192,16 +206,16 @@ class LossForecastCallback(MonitorAccess, _Callback):
 
     @never_raises
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Stop background fitting and log a last forecast from all the data."""
+        """Log a last forecast from all the data, emit the summary and close the sinks."""
         if self._monitor is None:
             return
-        forecast = self._monitor.finish()
+        forecast = self._monitor.finish(step=trainer.global_step - 1)
         if forecast is not None:
             self._log(trainer, forecast)
 
     @never_raises
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        """Stop background fitting without waiting long."""
+        """Stop background fitting and close the sinks without waiting long."""
         if self._monitor is not None:
             self._monitor.close(timeout=1.0)
 
@@ -225,25 +239,36 @@ class LossForecastCallback(MonitorAccess, _Callback):
         self._last_eval_step = -1
         self._every = every
         self._total = total
-        self._logged_step = -1
 
     def _feed(self, trainer: Any, step: int, value: Any) -> None:
         if self._monitor is None:
             return
-        self._monitor.observe(step, float(value))
-        forecast = self._monitor.forecast()
-        if forecast is not None and forecast.observed_step != self._logged_step:
+        forecast = self._monitor.observe(step, float(value))  # emits the event of a new fit
+        if forecast is not None:
             self._log(trainer, forecast)
 
     def _log(self, trainer: Any, forecast: Forecast) -> None:
-        self._logged_step = forecast.observed_step
         for lg in trainer.loggers:
-            lg.log_metrics(forecast_metrics(forecast), step=trainer.global_step)
+            if not _is_tensorboard(lg):  # TensorBoard has the TensorBoard sink
+                lg.log_metrics(forecast_metrics(forecast), step=trainer.global_step)
 
     def _tell(self, key: str, message: str) -> None:
         if key not in self._told:
             self._told.add(key)
             logger.warning("lossforecast: %s", message)
+
+
+def _is_tensorboard(lg: Any) -> bool:
+    """Whether a logger is a ``TensorBoardLogger`` (of either Lightning namespace)."""
+    return any(c.__name__ == "TensorBoardLogger" for c in type(lg).__mro__)
+
+
+def _tensorboard(trainer: Any) -> dict[str, Any]:
+    """``{"writer": ...}``: the experiment of the trainer's first TensorBoardLogger, if any."""
+    for lg in trainer.loggers:
+        if _is_tensorboard(lg):
+            return {"writer": lg.experiment}
+    return {}
 
 
 def _batch_loss(outputs: Any) -> Any:

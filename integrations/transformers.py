@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from lossforecast import Monitor
@@ -46,6 +48,11 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         logged key (e.g. ``"eval_loss"``) is taken as the value at the step it is logged.
     lr_schedule : array_like, optional
         Planned LR of every optimizer step, instead of capturing it.
+    sinks : list of Sink, optional
+        Where events go (``lossforecast.sinks``). Default: a
+        :class:`~lossforecast.sinks.ConsoleSink`, plus a
+        :class:`~lossforecast.sinks.TensorBoardSink` when ``report_to`` includes
+        ``"tensorboard"``, into the folder HF's TensorBoard callback writes. ``[]``: none.
     **forecaster_options
         Passed to :class:`~lossforecast.Forecaster` (``law``, ``coverage``, ...).
 
@@ -55,15 +62,23 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         The core forecaster, built when training begins (on the main process only).
     schedule_note : str or None
         Why the captured schedule is not the exact planned one, else None.
+    events : list of Event
+        The events of the run so far: a forecast event per new background fit and, at the
+        end of training, one summary (see :class:`~lossforecast.Monitor`).
 
     Notes
     -----
-    The forecast follows parameter group 0. When a new fit is ready its
-    ``lossforecast/forecast``, ``lossforecast/forecast_low`` and
+    The forecast follows parameter group 0. When a new fit is ready a forecast event goes
+    to the sinks, and its ``lossforecast/forecast``, ``lossforecast/forecast_low`` and
     ``lossforecast/forecast_high`` are added to the ``logs`` of that log call and to
     ``state.log_history``. The Trainer runs its reporting callbacks (``report_to``) before
-    user callbacks, so to send these scalars to TensorBoard or W&B pass that reporting
-    callback after this one in ``callbacks=``.
+    user callbacks, so these logs keys reach a reporter such as W&B only if you pass that
+    reporting callback after this one in ``callbacks=``; TensorBoard gets its
+    ``lossforecast/`` scalars from the TensorBoard sink. The TensorBoard folder is
+    ``TENSORBOARD_LOGGING_DIR``, else ``args.logging_dir`` (transformers < 5), else the
+    newest folder under ``output_dir/runs`` (the one HF's callback has just made). At the
+    end of training a summary event compares the last forecast with the loss reached and
+    the sinks are closed with a bounded wait.
 
     The state is saved in each checkpoint's ``trainer_state.json`` under
     ``stateful_callbacks`` (``ExportableState``). A resumed run reads it back itself, so
@@ -79,16 +94,20 @@ class LossForecastCallback(MonitorAccess, *_Bases):
     """
 
     def __init__(
-        self, monitor: str = "loss", *, lr_schedule: Any = None, **forecaster_options: Any
+        self,
+        monitor: str = "loss",
+        *,
+        lr_schedule: Any = None,
+        sinks: Any = None,
+        **forecaster_options: Any,
     ) -> None:
         if TrainerCallback is None:
             raise ImportError(
                 'LossForecastCallback needs transformers: pip install "lossforecast[transformers]".'
             )
-        self._configure(monitor, lr_schedule, forecaster_options)
+        self._configure(monitor, lr_schedule, forecaster_options, sinks)
         self._last_log_step = 0
         self._last_step = -1
-        self._logged_step = -1
 
     def state(self) -> dict:
         """``ExportableState``: constructor arguments and the forecaster state, JSON-safe."""
@@ -108,7 +127,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             self._monitor.close(timeout=1.0)
         self._monitor = None
         start = self._last_log_step = state.global_step
-        self._last_step = self._logged_step = -1
+        self._last_step = -1
         if not state.is_world_process_zero or start >= state.max_steps:
             return
         scheduler = kwargs.get("lr_scheduler")
@@ -119,6 +138,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             lr_schedule=self._lr_schedule,
             start_step=start,
             state=self._saved_state(state) if start > 0 else None,
+            sinks=self._run_sinks(lambda: _tensorboard(args)),
             **self._options,
         )
 
@@ -138,10 +158,8 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         if self._monitor is None or step <= self._last_step:
             return
         self._last_step = step
-        self._monitor.observe(step, float(logs[self.monitor]))
-        forecast = self._monitor.forecast()
-        if forecast is not None and forecast.observed_step != self._logged_step:
-            self._logged_step = forecast.observed_step
+        forecast = self._monitor.observe(step, float(logs[self.monitor]))  # emits a new fit
+        if forecast is not None:
             metrics = forecast_metrics(forecast)
             logs.update(metrics)
             if state.log_history and state.log_history[-1].get("step") == g:
@@ -149,9 +167,9 @@ class LossForecastCallback(MonitorAccess, *_Bases):
 
     @never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Stop background fitting after a last fit on all the data."""
+        """Make a last fit on all the data, emit the summary and close the sinks."""
         if self._monitor is not None:
-            self._monitor.finish()
+            self._monitor.finish(step=state.global_step - 1)
 
     # ------------------------------------------------------------------ helpers
     def _saved_state(self, state: Any) -> dict | None:
@@ -161,6 +179,19 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             if isinstance(entry, dict) and entry.get("args", {}).get("monitor") == self.monitor:
                 return entry.get("attributes", {}).get("saved_state")
         return None
+
+
+def _tensorboard(args: Any) -> dict[str, Any]:
+    """``{"log_dir": ...}`` where HF's TensorBoard callback writes, if ``report_to`` has it."""
+    if "tensorboard" not in (args.report_to or []):
+        return {}
+    folder = os.environ.get("TENSORBOARD_LOGGING_DIR") or getattr(args, "logging_dir", None)
+    if folder:
+        return {"log_dir": os.path.expanduser(folder)}
+    runs = Path(args.output_dir) / "runs"  # HF's callback made runs/<time>_<host> just before
+    made = [p for p in runs.iterdir() if p.is_dir()] if runs.is_dir() else []
+    newest = max(made, key=lambda p: p.stat().st_mtime) if made else runs / "lossforecast"
+    return {"log_dir": os.fspath(newest)}
 
 
 def _capture(optimizer: Any, scheduler: Any, model: Any, n_steps: int):

@@ -4,6 +4,7 @@ The core is pure numpy/scipy; framework adapters live in ``lossforecast.integrat
 """
 
 from ._backtest import BacktestPoint, Trajectory, backtest
+from ._events import Event, EventBus, forecast_event, summary_event
 from ._fit import FitResult, FitStatus
 from ._forecaster import Forecast, Forecaster
 from ._io import (
@@ -24,10 +25,14 @@ from ._schedule import Schedule
 __all__ = [
     "BacktestPoint",
     "Curve",
+    "Event",
+    "EventBus",
     "RebuiltSchedule",
     "Run",
     "Trajectory",
     "backtest",
+    "forecast_event",
+    "summary_event",
     "load_runs",
     "read_curve_csv",
     "read_schedule_csv",

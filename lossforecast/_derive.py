@@ -24,12 +24,12 @@ HYPERPRIORS = {
     "multi-power": LawPrior(
         mean={"alpha": 0.47, "log_amp": 1.8, "log_C": -5.0, "beta": 0.7, "gamma": 0.8},
         std={"alpha": 0.15, "log_amp": 0.4, "log_C": 1.5, "beta": 0.6, "gamma": 0.4},
-        l0_ratio=(0.9, 0.06),
+        l0_ratio=((0.0, 0.9, 0.06),),
     ),
     "lr-annealing": LawPrior(
         mean={"alpha": 0.47, "log_amp": -4.5, "log_tau": 6.0},
         std={"alpha": 0.15, "log_amp": 1.0, "log_tau": 1.0},
-        l0_ratio=(0.9, 0.06),
+        l0_ratio=((0.0, 0.9, 0.06),),
     ),
 }
 
@@ -37,6 +37,9 @@ HYPERPRIORS = {
 CALIBRATION_CUTOFFS = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.65, 0.75, 0.85, 0.9, 0.95)
 _PROGRESS_KNOTS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
 _LEVELS = (0.5, 0.8, 0.9, 0.95)
+#: Floor of the model-error scale: a final loss is itself known only to about 0.1% (the
+#: smoothing or averaging behind it), so no backtest can vouch for a tighter interval.
+MIN_REL_STD = 1e-3
 
 
 class FinishedRun(Protocol):
@@ -121,7 +124,9 @@ def _full_fit(name: str, run: FinishedRun, prior: LawPrior):
     binned = obs.binned()
     min_loss = float(binned.loss.min())
     weak = LawPrior(
-        prior.mean, {k: 3.0 * v for k, v in prior.std.items()}, (prior.l0_ratio[0], 1.0)
+        prior.mean,
+        {k: 3.0 * v for k, v in prior.std.items()},
+        tuple((p, m, 1.0) for p, m, _ in prior.l0_ratio),
     )
     gp = weak.for_run(min_loss, schedule.peak_lr)
     x = LawInputs.at(schedule, binned.step)
@@ -132,27 +137,45 @@ def _full_fit(name: str, run: FinishedRun, prior: LawPrior):
 
 
 def _law_prior(name: str, runs: Sequence[FinishedRun], base: LawPrior) -> LawPrior:
-    params, groups, l0_ratios, l0_groups = [], [], [], []
+    params, groups, l0_ratios, l0_progress, l0_groups = [], [], [], [], []
     for run in runs:
         law, schedule, result = _full_fit(name, run, base)
         if not result.success:
             continue
-        theta = dict(zip(law.params, result.params, strict=False))
+        theta = dict(zip(law.params, result.params, strict=True))
         theta["log_amp"] -= base.amp_lr_exponent * np.log(schedule.peak_lr)
         params.append(theta)
         groups.append(getattr(run, "source", None))
         for cut in CALIBRATION_CUTOFFS:
             seen = (run.steps > schedule.warmup_steps) & (run.steps <= cut * schedule.total_steps)
             if seen.any():
+                last = int(run.steps[seen][-1])
                 l0_ratios.append(theta["L0"] / float(run.loss[seen].min()))
+                l0_progress.append(schedule.area[last] / schedule.area[-1])
                 l0_groups.append(groups[-1])
     mean, std = {}, {}
     for p in base.mean:
         centre, spread = _balanced(np.array([t[p] for t in params]), groups)
         mean[p] = centre
         std[p] = max(1.25 * spread, 0.5 * base.std[p])
-    centre, spread = _balanced(np.array(l0_ratios), l0_groups)
-    return LawPrior(mean, std, (centre, max(1.25 * spread, 0.01)), base.amp_lr_exponent)
+    return LawPrior(
+        mean,
+        std,
+        _l0_table(np.array(l0_ratios), np.array(l0_progress), l0_groups),
+        base.amp_lr_exponent,
+    )
+
+
+def _l0_table(ratio, progress, groups) -> tuple[tuple[float, float, float], ...]:
+    """``(progress, mean, std)`` of ``L0 / lowest loss seen`` around each progress knot."""
+    rows = []
+    for k in _PROGRESS_KNOTS:
+        near = np.abs(progress - k) <= 0.15
+        if near.sum() < 3:
+            continue
+        centre, spread = _balanced(ratio[near], [g for g, n in zip(groups, near, strict=True) if n])
+        rows.append((k, centre, max(1.25 * spread, 0.01)))
+    return tuple(rows)
 
 
 def _backtests(name: str, runs: Sequence[FinishedRun], priors: Priors) -> list[_Backtest]:
@@ -197,7 +220,7 @@ def _calibrate(name: str, runs: Sequence[FinishedRun], priors: Priors) -> Calibr
         w = weight * np.maximum(0.0, 1.0 - np.abs(p - k) / 0.15)
         if np.count_nonzero(w) < 3:
             continue
-        lo, hi = 1e-6, 0.5
+        lo, hi = MIN_REL_STD, 0.5
         for _ in range(60):  # bisection on the model-error scale for weighted 80% coverage
             mid = np.sqrt(lo * hi)
             covered = e <= z * np.sqrt(s**2 + mid**2)

@@ -14,7 +14,7 @@ from ._fit import FitResult, fit_law
 from ._laws import LAWS, Law, LawInputs
 from ._observations import Observations
 from ._priors import Priors
-from ._schedule import Schedule
+from ._schedule import Schedule, decode_lr, encode_lr
 
 __all__ = ["Forecaster", "Forecast"]
 
@@ -71,7 +71,6 @@ class _Fitted:
     progress: float
     n_points: int
     observed_step: int
-    min_loss: float
 
 
 class Forecaster:
@@ -151,6 +150,7 @@ class Forecaster:
         self._lock = threading.RLock()
         self._fitted: _Fitted | None = None
         self._fitted_total = -1
+        self._restored_params: NDArray[np.float64] | None = None
         self.n_nonfinite = 0
         self.last_error: str | None = None
 
@@ -204,7 +204,10 @@ class Forecaster:
                 return self._fitted is not None
             binned = self._obs.binned()
             previous = self._fitted
-        fitted, error = self._fit(binned, total, previous)
+        try:
+            fitted, error = self._fit(binned, total, previous)
+        except Exception as exc:  # a fit must never take the training run down with it
+            fitted, error = None, f"the fit raised {type(exc).__name__}: {exc}"
         with self._lock:
             self._fitted_total = total
             if fitted is not None:
@@ -236,29 +239,23 @@ class Forecaster:
         sigma = _bin_noise(binned.point_noise, count, min_loss)
         x = LawInputs.at(sched, steps)
         law_prior = self.priors.laws[self._law.name]
-        prior = law_prior.for_run(min_loss, sched.peak_lr)
-        if previous is not None and previous.law is self._law:
+        progress = float(sched.area[steps[-1]] / sched.area[-1])
+        prior = law_prior.for_run(min_loss, sched.peak_lr, progress)
+        if previous is not None:
             starts = [previous.result.params]
+        elif self._restored_params is not None:  # continue a checkpointed run's fit
+            starts = [self._restored_params]
         else:
             starts = _initial_starts(self._law, prior, steps, loss, sched)
-        try:
-            result = fit_law(self._law, x, loss, sigma, starts, prior=prior)
-        except Exception as exc:  # a fit must never take the training run down with it
-            return None, f"the fit raised {type(exc).__name__}: {exc}"
+        result = fit_law(self._law, x, loss, sigma, starts, prior=prior)
         if not result.success:
             return None, result.message
-        try:
-            cov = np.linalg.pinv(result.hessian)
-        except np.linalg.LinAlgError:
-            return None, "the fit's curvature could not be inverted."
+        cov = np.linalg.pinv(result.hessian)
         # Scale by the robust residual dispersion when the law fits worse than the noise says.
         resid = (self._law.predict(result.params, x) - loss) / sigma
         dof = max(len(loss) - len(self._law.params), 1)
         dispersion = max(float(np.sum(np.minimum(resid**2, 9.0)) / dof), 1.0)
-        progress = float(sched.area[steps[-1]] / sched.area[-1])
-        fitted = _Fitted(
-            result, self._law, cov * dispersion, progress, total, int(steps[-1]), min_loss
-        )
+        fitted = _Fitted(result, self._law, cov * dispersion, progress, total, int(steps[-1]))
         return fitted, None
 
     # ------------------------------------------------------------------ forecasting
@@ -367,7 +364,7 @@ class Forecaster:
             fitted = self._fitted
             return {
                 "version": STATE_VERSION,
-                "lr_schedule": self.schedule.lr.tolist(),
+                "lr_schedule": encode_lr(self.schedule.lr),
                 "law": self.law_name,
                 "target_step": self.target_step,
                 "coverage": self.coverage,
@@ -383,9 +380,10 @@ class Forecaster:
             raise ValueError(
                 f"state has version {state.get('version')!r}, expected {STATE_VERSION}."
             )
-        if len(state["lr_schedule"]) != self.schedule.total_steps:
+        saved = schedule_from_state(state)
+        if len(saved) != self.schedule.total_steps:
             raise ValueError(
-                f"state is for a schedule of {len(state['lr_schedule'])} steps, "
+                f"state is for a schedule of {len(saved)} steps, "
                 f"this forecaster's has {self.schedule.total_steps}."
             )
         with self._lock:
@@ -393,12 +391,14 @@ class Forecaster:
             self.n_nonfinite = int(state["n_nonfinite"])
             self._fitted = None
             self._fitted_total = -1
+            params = state.get("last_params")
+            self._restored_params = None if params is None else np.asarray(params, dtype=float)
 
     @classmethod
     def from_state_dict(cls, state: dict, *, priors: Priors | None = None) -> Forecaster:
         """A forecaster rebuilt from :meth:`state_dict` output."""
         fc = cls(
-            state["lr_schedule"],
+            schedule_from_state(state),
             law=state["law"],
             target_step=state["target_step"],
             coverage=state["coverage"],
@@ -414,6 +414,12 @@ class Forecaster:
             f"Forecaster(law={self.law_name!r}, total_steps={self.schedule.total_steps}, "
             f"n_points={self.n_points}, n_nonfinite={self.n_nonfinite})"
         )
+
+
+def schedule_from_state(state: dict) -> NDArray[np.float64]:
+    """The planned schedule saved in a :meth:`Forecaster.state_dict` (text or a plain list)."""
+    saved = state["lr_schedule"]
+    return decode_lr(saved) if isinstance(saved, str) else np.asarray(saved, dtype=np.float64)
 
 
 def _bin_noise(

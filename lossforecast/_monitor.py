@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._background import BackgroundFitter
-from ._forecaster import Forecast, Forecaster
+from ._events import Event, EventBus, forecast_event, summary_event
+from ._forecaster import Forecast, Forecaster, schedule_from_state
 from ._schedule import Schedule
+from .sinks import ConsoleSink, Sink, TensorBoardSink
 
 __all__ = [
     "Monitor",
@@ -20,6 +26,7 @@ __all__ = [
     "join_schedule",
     "forecast_metrics",
     "check_forecaster_options",
+    "default_sinks",
     "never_raises",
     "MonitorAccess",
 ]
@@ -29,6 +36,9 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 _FAILED = object()  # what a guarded call returns when it raised
+_RECENT = 8  # last observations behind the smoothed loss and the step rate
+_RECENT_SPAN = 0.05  # ... of which those within this share of the planned steps are smoothed
+_TRAJECTORY_POINTS = 32  # future steps of the predicted trajectory in a forecast event
 
 
 def train_loss_step(updates: int, window: int = 1) -> int:
@@ -131,6 +141,35 @@ def check_forecaster_options(options: dict[str, Any]) -> None:
     Forecaster(np.ones(2), **probe)
 
 
+def default_sinks(*, writer: Any = None, log_dir: str | os.PathLike | None = None) -> list[Sink]:
+    """The sinks used when ``sinks=`` is not given: a ConsoleSink, plus TensorBoard if it can.
+
+    TensorBoard goes into ``writer`` (a ``SummaryWriter`` that already writes the run) or
+    ``log_dir``; with neither there is none. If it cannot be set up (e.g. the
+    ``tensorboard`` package is missing) that is logged once and the console stays.
+    """
+    sinks: list[Sink] = [ConsoleSink()]
+    if writer is not None or log_dir is not None:
+        try:
+            sinks.append(TensorBoardSink(log_dir, writer=writer))
+        except (ImportError, TypeError, ValueError) as exc:
+            logger.warning("lossforecast: no TensorBoard output (%s).", exc)
+    return sinks
+
+
+def _checked_sinks(sinks: Iterable[Sink] | None) -> list[Sink] | None:
+    """``sinks`` as a list after checking each has ``write``; None stays None (the defaults)."""
+    if sinks is None:
+        return None
+    if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
+        raise TypeError(f"`sinks` must be a list of sinks, got {type(sinks).__name__}.")
+    sinks = list(sinks)
+    for sink in sinks:
+        if not callable(getattr(sink, "write", None)):
+            raise TypeError(f"`sinks` must have a write(event) method, got {type(sink).__name__}.")
+    return sinks
+
+
 class Monitor:
     """Forecast the final loss from a plain PyTorch training loop.
 
@@ -140,6 +179,19 @@ class Monitor:
     background thread; :meth:`forecast` returns the latest forecast without waiting. No
     error inside lossforecast reaches the training loop: it is logged once and counted in
     :attr:`n_errors`.
+
+    Each time a new background fit is ready, a forecast event goes to the sinks (see
+    :func:`~lossforecast.forecast_event`): the forecast of the final loss with its interval,
+    the observed smoothed loss and the residual at the latest observed step, the predicted
+    trajectory for the rest of the planned schedule (33 steps from the latest observed one
+    to the last, from the latest fit: nothing is fitted on the training thread) and, once
+    the step rate is known, ``seconds_to_finish``. :meth:`finish` ends the run with one
+    summary event that compares the last forecast with the loss reached, then closes the
+    sinks with a bounded wait. The smoothed loss is the mean of the last 8 observed losses
+    (those within 5% of the planned steps of the latest) moved along the fitted curve to
+    the latest step (no moving-average lag); the residual is that minus the prediction
+    there. The summary's reached loss is this smoothed loss at the last step, on the final
+    fit.
 
     Parameters
     ----------
@@ -157,6 +209,13 @@ class Monitor:
         it must equal its length).
     every_n_steps : int, optional
         Steps per averaged observation. Default 1.
+    sinks : list of Sink, optional
+        Where events go (``lossforecast.sinks``). Default: a
+        :class:`~lossforecast.sinks.ConsoleSink`, plus a
+        :class:`~lossforecast.sinks.TensorBoardSink` when ``log_dir`` is given. ``[]``: none
+        (the events are still kept in :attr:`events`).
+    log_dir : str or os.PathLike, optional
+        Run folder for the default TensorBoard sink (needs ``tensorboard``).
     **forecaster_options
         Passed to :class:`~lossforecast.Forecaster` (``law``, ``target_step``,
         ``coverage``, ``max_bins``, ``min_points``, ``priors``).
@@ -169,18 +228,25 @@ class Monitor:
         Why the schedule is not exactly the planned one, when it is not.
     n_errors : int
         Errors caught inside lossforecast.
+    bus : EventBus
+        The bus that keeps the events and feeds the sinks (e.g. to emit your own events).
+    events : list of Event
+        The events emitted so far.
 
     Raises
     ------
     ValueError
         If neither a schedule nor an optimizer or scheduler is given, if ``total_steps`` or
-        ``every_n_steps`` is not a positive int, or if a forecaster option is invalid.
+        ``every_n_steps`` is not a positive int, if ``sinks`` and ``log_dir`` are both
+        given, or if a forecaster option is invalid.
+    TypeError
+        If a sink has no ``write`` method.
 
     Examples
     --------
     >>> import numpy as np
     >>> lr = np.r_[np.linspace(1e-4, 1e-3, 50), np.full(950, 1e-3)]
-    >>> mon = Monitor(lr, every_n_steps=10)
+    >>> mon = Monitor(lr, every_n_steps=10, sinks=[])
     >>> for s in range(400):
     ...     mon.step(3.0 + 2.0 * (s + 1) ** -0.5)
     >>> f = mon.forecaster.forecast()
@@ -198,11 +264,19 @@ class Monitor:
         scheduler: Any = None,
         total_steps: int | None = None,
         every_n_steps: int = 1,
+        sinks: Iterable[Sink] | None = None,
+        log_dir: str | os.PathLike | None = None,
         **forecaster_options: Any,
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps)
         if total_steps is not None:
             _check_positive_int("total_steps", total_steps)
+        sinks = _checked_sinks(sinks)
+        if sinks is not None and log_dir is not None:
+            raise ValueError(
+                "`log_dir` sets up the default sinks; with `sinks=` add "
+                f"TensorBoardSink({os.fspath(log_dir)!r}) to them instead."
+            )
         if lr_schedule is None:
             if optimizer is None and scheduler is None:
                 raise ValueError(
@@ -241,6 +315,11 @@ class Monitor:
         self.n_errors = 0
         self._latest: Forecast | None = None
         self._forecast_fits = -1
+        self._recent: deque[tuple[float, int, float]] = deque(maxlen=_RECENT)  # time, step, loss
+        self._emitted: Forecast | None = None  # last forecast sent as an event
+        self._n_forecasts = 0
+        self._finished = False
+        self.bus = EventBus(default_sinks(log_dir=log_dir) if sinks is None else sinks)
 
     @classmethod
     def for_run(
@@ -251,14 +330,16 @@ class Monitor:
         lr_schedule: ArrayLike | None = None,
         start_step: int = 0,
         state: dict | None = None,
+        sinks: Iterable[Sink] | None = None,
         **forecaster_options: Any,
     ) -> Monitor:
         """A monitor for a run of ``total_steps`` steps that starts (or resumes) at ``start_step``.
 
-        For framework adapters. The schedule is ``lr_schedule`` if given, else the saved
-        past (from ``state``) followed by ``capture(total_steps - start_step)``, which returns
-        the next LRs and a note (or None) saying why they are not exact. ``state`` (a
-        :meth:`state_dict`) is restored when given; one that cannot be is logged and skipped.
+        For framework adapters; events go to ``sinks``. The schedule is ``lr_schedule`` if
+        given, else the saved past (from ``state``) followed by
+        ``capture(total_steps - start_step)``, which returns the next LRs and a note (or
+        None) saying why they are not exact. ``state`` (a :meth:`state_dict`) is restored
+        when given; one that cannot be is logged and skipped.
         Every note is logged once as a warning and kept in :attr:`schedule_note`.
         """
         if lr_schedule is not None:
@@ -273,12 +354,12 @@ class Monitor:
             if capture is None:
                 raise ValueError("give `lr_schedule` or `capture`.")
             future, capture_note = capture(total_steps - start_step)
-            past = state["forecaster"]["lr_schedule"] if state else None
+            past = schedule_from_state(state["forecaster"]) if state else None
             lr, note = join_schedule(past, start_step, future)
             note = note or capture_note
         if note is not None:
             logger.warning("lossforecast: %s", note)
-        monitor = cls(lr, **forecaster_options)
+        monitor = cls(lr, sinks=sinks, **forecaster_options)
         monitor.schedule_note = note
         if state:
             try:
@@ -305,12 +386,31 @@ class Monitor:
         if mean is not None and mean is not _FAILED:
             self.observe(train_loss_step(self._updates, window), mean)
 
-    def observe(self, step: int, loss: float) -> None:
-        """Record ``loss`` at schedule ``step`` and ask for a background refit (never raises)."""
+    def observe(self, step: int, loss: float) -> Forecast | None:
+        """Record ``loss`` at schedule ``step`` and ask for a background refit (never raises).
+
+        Returns
+        -------
+        Forecast or None
+            The latest forecast if a new background fit became ready since the last
+            forecast event (it is emitted as one now), else None.
+        """
         if step < 0:
-            return
-        if self._guard("update the forecaster", self.forecaster.update, step, loss) is not _FAILED:
-            self._fitter.notify()
+            return None
+        if self._guard("update the forecaster", self.forecaster.update, step, loss) is _FAILED:
+            return None
+        self._fitter.notify()
+        value = float(loss)
+        if math.isfinite(value):
+            self._recent.append((time.monotonic(), int(step), value))
+        forecast = self.forecast()
+        if forecast is None or self._finished:
+            return None
+        if self._emitted is not None and forecast.observed_step == self._emitted.observed_step:
+            return None
+        self._emitted = forecast
+        self._guard("report the forecast", self._emit_forecast, forecast)
+        return forecast
 
     @property
     def updates(self) -> int:
@@ -327,20 +427,41 @@ class Monitor:
             self._forecast_fits = fits
         return self._latest
 
-    def finish(self, timeout: float = 5.0) -> Forecast | None:
-        """Stop background fitting and return a forecast from all the data (never raises).
+    @property
+    def events(self) -> list[Event]:
+        """The events emitted so far (forecasts and, after :meth:`finish`, the summary)."""
+        return self.bus.events
 
-        Makes one last synchronous fit, unless background fits have been failing.
+    def finish(self, timeout: float = 5.0, *, step: int | None = None) -> Forecast | None:
+        """End of training: stop fitting, emit the summary, close the sinks (never raises).
+
+        Makes one last synchronous fit, unless background fits have been failing, and
+        returns its forecast. The summary event compares the last forecast event with the
+        loss reached at ``step`` (the last optimizer step; by default the last one
+        :meth:`step` saw, or the last observed step). Fitting and the sinks are each given
+        at most ``timeout`` seconds.
         """
-        self.close(timeout)
+        self._fitter.close(timeout)
         if self._fitter.n_errors:
-            return self.forecast()
-        result = self._guard("fit the final forecast", self.forecaster.forecast)
-        return None if result is _FAILED else result
+            final = self.forecast()
+        else:
+            result = self._guard("fit the final forecast", self.forecaster.forecast)
+            final = None if result is _FAILED else result
+        if not self._finished:
+            self._finished = True
+            self._guard("report the summary", self._emit_summary, step)
+        self.bus.close(timeout)
+        return final
 
     def close(self, timeout: float = 5.0) -> bool:
-        """Stop background fitting, waiting at most ``timeout`` seconds; True if it stopped."""
-        return self._fitter.close(timeout)
+        """Stop background fitting and close the sinks (no summary: see :meth:`finish`).
+
+        Waits at most ``timeout`` seconds for each; True if the fitting thread stopped.
+        """
+        stopped = self._fitter.close(timeout)
+        self._finished = True
+        self.bus.close(timeout)
+        return stopped
 
     @property
     def fitter(self) -> BackgroundFitter:
@@ -372,7 +493,7 @@ class Monitor:
         total = self.forecaster.schedule.total_steps
         if self._capture_from is not None and 0 < updates < total:
             future, self.schedule_note = self._capture(total - updates)
-            lr, _ = join_schedule(saved["lr_schedule"], updates, future)
+            lr, _ = join_schedule(schedule_from_state(saved), updates, future)
             self._fitter.close(0.0)
             self.forecaster = Forecaster(lr, **self._options)
             self._fitter = BackgroundFitter(self.forecaster)
@@ -380,6 +501,78 @@ class Monitor:
         self._updates = self._window_start = updates
         self._window = LossWindow()
         self._latest, self._forecast_fits = None, -1
+        self._recent.clear()
+        self._emitted = None
+
+    # ------------------------------------------------------------------ events
+    def _emit_forecast(self, forecast: Forecast) -> None:
+        """Emit a forecast event: smoothed loss, residual, trajectory and ETA at the latest step."""
+        total = self.forecaster.schedule.total_steps
+        step = self._recent[-1][1] if self._recent else forecast.observed_step
+        future = np.unique(np.linspace(step, total - 1, _TRAJECTORY_POINTS + 1).round())
+        future = future.astype(np.int64)
+        extra = self._eta(total)
+        smoothed = self._smoothed(step, future)
+        if smoothed is None:
+            event = forecast_event(forecast, step=step, extra=extra)
+        else:
+            level, residual, (loss, low, high) = smoothed
+            event = forecast_event(
+                forecast,
+                step=step,
+                observed_loss=level,
+                residual=residual,
+                trajectory=(future, loss, low, high),
+                extra=extra,
+            )
+        self._n_forecasts += 1
+        self.bus.emit(event)
+
+    def _smoothed(self, step: int, extra_steps: NDArray[np.int64]) -> tuple | None:
+        """(smoothed loss at ``step``, its residual, predictions at ``extra_steps``) or None.
+
+        Uses the latest fit only: the mean residual of the recent observations against the
+        fitted curve, added to the prediction at ``step``.
+        """
+        if not self._recent:
+            return None
+        last = self._recent[-1][1]
+        span = _RECENT_SPAN * self.forecaster.schedule.total_steps
+        seen = np.array([s for _, s, _ in self._recent if last - s <= span], dtype=np.int64)
+        losses = np.array([v for _, s, v in self._recent if last - s <= span])
+        steps = np.union1d(np.union1d(seen, extra_steps), [step])
+        predicted = self.forecaster.trajectory(steps, refit=False)
+        if predicted is None:
+            return None
+        loss, low, high = predicted
+        residual = float(np.mean(losses - loss[np.searchsorted(steps, seen)]))
+        level = float(loss[np.searchsorted(steps, step)]) + residual
+        at = np.searchsorted(steps, extra_steps)
+        return level, residual, (loss[at], low[at], high[at])
+
+    def _eta(self, total: int) -> dict[str, float]:
+        """``{"seconds_to_finish": ...}`` from the step rate of the recent observations."""
+        if len(self._recent) < 2:
+            return {}
+        (t0, s0, _), (t1, s1, _) = self._recent[0], self._recent[-1]
+        if t1 <= t0 or s1 <= s0:
+            return {}
+        return {"seconds_to_finish": max(total - 1 - s1, 0) * (t1 - t0) / (s1 - s0)}
+
+    def _emit_summary(self, step: int | None) -> None:
+        """Emit the end-of-training summary (nothing if no loss was ever observed)."""
+        if not self._recent:
+            return
+        total = self.forecaster.schedule.total_steps
+        if step is None:
+            step = max(self._updates - 1, self._recent[-1][1])
+        step = int(min(max(step, 0), total - 1))
+        smoothed = self._smoothed(step, np.array([step], dtype=np.int64))
+        reached = (
+            smoothed[0] if smoothed is not None else float(np.mean([v for *_, v in self._recent]))
+        )
+        extra = {"reached_step": step, "forecasts": self._n_forecasts}
+        self.bus.emit(summary_event(step, reached, self._emitted, extra=extra))
 
     # ------------------------------------------------------------------ helpers
     def _capture(self, n_steps: int) -> tuple[NDArray[np.float64], str | None]:
@@ -418,22 +611,44 @@ class MonitorAccess:
     """Shared part of the framework callbacks: their options and read access to their Monitor.
 
     The callback builds its :class:`Monitor` (``self._monitor``) when training starts, on
-    the process that forecasts; before that and elsewhere these read None.
+    the process that forecasts; before that and elsewhere these read None (``events``: an
+    empty list). The Monitor owns the run's :class:`~lossforecast.EventBus`.
     """
 
     _monitor: Monitor | None = None
+    _sinks: list[Sink] | None = None
 
     def _configure(
-        self, monitor: str, lr_schedule: ArrayLike | None, options: dict[str, Any]
+        self,
+        monitor: str,
+        lr_schedule: ArrayLike | None,
+        options: dict[str, Any],
+        sinks: Iterable[Sink] | None = None,
     ) -> None:
         """Validate and keep the options every callback takes."""
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}.")
         self._lr_schedule = None if lr_schedule is None else Schedule(lr_schedule).lr
+        self._sinks = _checked_sinks(sinks)
         check_forecaster_options(options)
         self.monitor = monitor
         self._options = dict(options)
         self._monitor = None
+
+    def _run_sinks(self, tensorboard: Callable[[], dict[str, Any]]) -> list[Sink]:
+        """The sinks of a new run: the user's, or :func:`default_sinks`.
+
+        ``tensorboard()`` is only called for the defaults; it returns ``{"writer": w}`` or
+        ``{"log_dir": d}`` where the trainer already writes TensorBoard, else ``{}``.
+        """
+        if self._sinks is not None:
+            return list(self._sinks)
+        return default_sinks(**tensorboard())
+
+    @property
+    def events(self) -> list[Event]:
+        """The events of the current (or last) run so far; empty before training starts."""
+        return [] if self._monitor is None else self._monitor.events
 
     @property
     def forecaster(self) -> Forecaster | None:

@@ -25,8 +25,10 @@ PRIORS_VERSION = 1
 class LawPrior:
     """Gaussian prior for one law, in units that transfer between runs.
 
-    ``L0`` is given as a ratio to the lowest observed loss. The annealing amplitude
-    (``log_amp``, for LRs relative to the peak) is given for a peak LR of 1 and shifted by
+    ``L0`` is given as a ratio to the lowest observed loss, whose mean and std depend on
+    how far training has got: rows ``(progress, mean, std)`` interpolated in progress (the
+    share of the planned forward area seen). The annealing amplitude (``log_amp``, for LRs
+    relative to the peak) is given for a peak LR of 1 and shifted by
     ``amp_lr_exponent * log(peak_lr)``: the loss a cooldown removes grows like the square
     root of the peak LR on the shared curves (a noise-floor effect), far more steadily
     than as a fixed amount or a fixed share of the loss.
@@ -34,15 +36,16 @@ class LawPrior:
 
     mean: dict[str, float]
     std: dict[str, float]
-    l0_ratio: tuple[float, float]
+    l0_ratio: tuple[tuple[float, float, float], ...]
     amp_lr_exponent: float = 0.5
 
-    def for_run(self, min_loss: float, peak_lr: float) -> GaussianPrior:
-        """The prior in a run's own units: its lowest observed loss and its peak LR."""
-        mean = dict(self.mean, L0=self.l0_ratio[0] * min_loss)
+    def for_run(self, min_loss: float, peak_lr: float, progress: float = 1.0) -> GaussianPrior:
+        """The prior in a run's own units: its lowest observed loss, peak LR and progress."""
+        knots, ratio_mean, ratio_std = (np.array(c) for c in zip(*self.l0_ratio, strict=True))
+        mean = dict(self.mean, L0=float(np.interp(progress, knots, ratio_mean)) * min_loss)
         if "log_amp" in mean:
             mean["log_amp"] += self.amp_lr_exponent * float(np.log(peak_lr))
-        std = dict(self.std, L0=self.l0_ratio[1] * min_loss)
+        std = dict(self.std, L0=float(np.interp(progress, knots, ratio_std)) * min_loss)
         return GaussianPrior(mean, std)
 
 
@@ -101,7 +104,10 @@ class Priors:
             )
         laws = {
             name: LawPrior(
-                dict(p["mean"]), dict(p["std"]), tuple(p["l0_ratio"]), p["amp_lr_exponent"]
+                dict(p["mean"]),
+                dict(p["std"]),
+                tuple(tuple(row) for row in p["l0_ratio"]),
+                p["amp_lr_exponent"],
             )
             for name, p in d["laws"].items()
         }
@@ -121,7 +127,7 @@ class Priors:
                 n: {
                     "mean": p.mean,
                     "std": p.std,
-                    "l0_ratio": list(p.l0_ratio),
+                    "l0_ratio": [list(row) for row in p.l0_ratio],
                     "amp_lr_exponent": p.amp_lr_exponent,
                 }
                 for n, p in self.laws.items()

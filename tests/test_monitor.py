@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from lossforecast import Forecast, Forecaster, Monitor
+from lossforecast import Event, Forecast, Forecaster, Monitor
 from lossforecast._monitor import (
     check_forecaster_options,
     forecast_metrics,
@@ -18,6 +18,7 @@ from lossforecast._monitor import (
     never_raises,
     train_loss_step,
 )
+from lossforecast.sinks import ConsoleSink, Sink
 
 T = 400
 LR = np.r_[
@@ -39,6 +40,7 @@ def _loss(step):
         ({"lr_schedule": LR, "total_steps": -5}, "`total_steps`"),
         ({"scheduler": object(), "total_steps": 5}, "no `.optimizer`"),
         ({"lr_schedule": LR, "coverage": 2.0}, "`coverage`"),
+        ({"lr_schedule": LR, "sinks": [], "log_dir": "runs/x"}, "`log_dir` sets up the default"),
     ],
 )
 def test_constructor_rejects(kwargs, match):
@@ -79,6 +81,71 @@ def test_forecast_in_the_background_matches_a_synchronous_fit():
     assert isinstance(background, Forecast) and background.step == T - 1
     assert mon.fitter.n_fits >= 1 and mon.fitter.n_errors == 0
     assert background.low < background.loss < background.high
+
+
+class Collect(Sink):
+    def __init__(self) -> None:
+        self.seen: list[Event] = []
+
+    def write(self, event: Event) -> None:
+        self.seen.append(event)
+
+
+def _wait_for_fit(mon: Monitor, after: int) -> None:
+    deadline = time.monotonic() + 10.0
+    while mon.fitter.n_fits <= after and time.monotonic() < deadline:
+        time.sleep(0.01)  # the fit runs in the background
+
+
+def test_events_go_to_the_sinks_and_finish_emits_one_summary():
+    sink = Collect()
+    mon = Monitor(LR, every_n_steps=4, sinks=[sink])
+    for s in range(200):
+        mon.step(_loss(s))
+    _wait_for_fit(mon, 0)
+    for s in range(200, 300):
+        mon.step(_loss(s))
+    assert mon.finish() is not None
+    assert mon.finish() is not None  # a second call emits nothing more
+
+    assert sink.seen == mon.events and mon.events[-1].is_summary
+    forecasts = [e for e in mon.events if e.kind == "forecast" and not e.is_summary]
+    assert len(forecasts) == len(mon.events) - 1 >= 1
+    first = forecasts[0]
+    assert 200 <= first.step < 210  # the first observation after the fit was ready
+    assert first.trajectory.steps[0] == first.step and first.trajectory.steps[-1] == T - 1
+    assert len(first.trajectory.steps) == 33
+    assert first.data["observed_loss"] == pytest.approx(_loss(first.step), rel=0.01)
+    assert abs(first.data["residual"]) < 0.01 * first.data["observed_loss"]
+    assert first.data["seconds_to_finish"] >= 0.0
+    summary = mon.events[-1]
+    assert summary.step == 299 and summary.data["forecasts"] == len(forecasts)
+    assert summary.data["reached_loss"] == pytest.approx(_loss(299), rel=0.01)
+    assert summary.data["observed_step"] == forecasts[-1].data["observed_step"]
+
+
+def test_default_sinks_are_the_console_and_tensorboard_with_log_dir(tmp_path):
+    assert [type(s) for s in Monitor(LR).bus.sinks] == [ConsoleSink]
+    pytest.importorskip("tensorboard")
+    mon = Monitor(LR, log_dir=tmp_path / "run")
+    assert [type(s).__name__ for s in mon.bus.sinks] == ["ConsoleSink", "TensorBoardSink"]
+    mon.close()
+    off = Monitor(LR, every_n_steps=4, sinks=[])
+    for s in range(200):
+        off.step(_loss(s))
+    _wait_for_fit(off, 0)
+    off.step(_loss(200))
+    off.finish()
+    assert off.bus.sinks == [] and off.events[-1].is_summary  # still kept for the program
+
+
+def test_close_without_finish_emits_no_summary():
+    sink = Collect()
+    mon = Monitor(LR, sinks=[sink])
+    for s in range(50):
+        mon.step(_loss(s))
+    assert mon.close()
+    assert not any(e.is_summary for e in sink.seen)
 
 
 def test_tensor_losses_are_read_once_per_window():
