@@ -15,13 +15,8 @@ from typing import Any
 import numpy as np
 
 from lossforecast import Forecast, Monitor
-from lossforecast._monitor import (
-    LossWindow,
-    MonitorAccess,
-    forecast_metrics,
-    never_raises,
-    train_loss_step,
-)
+from lossforecast._callbacks import MonitorAccess, forecast_metrics, never_raises
+from lossforecast._monitor import LossWindow, train_loss_step
 
 try:
     import lightning.pytorch as pl

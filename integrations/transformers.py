@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lossforecast import Monitor
-from lossforecast._monitor import (
-    MonitorAccess,
-    forecast_metrics,
-    never_raises,
-    train_loss_step,
-)
+from lossforecast._callbacks import MonitorAccess, forecast_metrics, never_raises
+from lossforecast._monitor import train_loss_step
 
 try:
     from transformers import TrainerCallback

@@ -13,7 +13,10 @@ from threadpoolctl import threadpool_limits
 
 from ._laws import Law, LawInputs
 
-__all__ = ["FitStatus", "FitResult", "GaussianPrior", "fit_law"]
+__all__ = ["FitStatus", "FitResult", "GaussianPrior", "fit_law", "PRIOR_BOUND_SIGMAS"]
+
+#: Parameters with a prior are also kept within this many prior stds of its mean.
+PRIOR_BOUND_SIGMAS = 4.0
 
 
 class FitStatus(enum.IntEnum):
@@ -119,6 +122,12 @@ def fit_law(
         mean, prec = np.zeros(n_par), np.zeros(n_par)
     else:
         mean, prec = prior.vectors(law)
+    # A prior also bounds: values beyond a few of its stds are implausible, and leaving them
+    # open lets an early fit trade an absurd annealing amplitude against the power law.
+    has = prec > 0
+    lo = np.where(has, np.maximum(lo, mean - PRIOR_BOUND_SIGMAS / np.where(has, prec, 1.0)), lo)
+    hi = np.where(has, np.minimum(hi, mean + PRIOR_BOUND_SIGMAS / np.where(has, prec, 1.0)), hi)
+    hi = np.maximum(hi, lo)
     inv_sigma = 1.0 / sigma
     # Optimise in units of the prior's std (1 where there is none) so L-BFGS-B is well scaled.
     scale = np.where(prec > 0, 1.0 / np.where(prec > 0, prec, 1.0), 1.0)

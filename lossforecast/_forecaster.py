@@ -250,13 +250,25 @@ class Forecaster:
         result = fit_law(self._law, x, loss, sigma, starts, prior=prior)
         if not result.success:
             return None, result.message
+        # When the law fits worse than the noise says, the misfit is systematic: widen the
+        # noise by the robust dispersion and refit, so the priors keep their say instead of
+        # letting, say, the annealing amplitude absorb the misfit and run away.
+        dispersion = self._dispersion(result, x, loss, sigma)
+        if dispersion > 1.5:
+            sigma = sigma * np.sqrt(dispersion)
+            refined = fit_law(self._law, x, loss, sigma, [result.params], prior=prior)
+            if refined.success:
+                result = refined
+                dispersion = self._dispersion(result, x, loss, sigma)
         cov = np.linalg.pinv(result.hessian)
-        # Scale by the robust residual dispersion when the law fits worse than the noise says.
-        resid = (self._law.predict(result.params, x) - loss) / sigma
-        dof = max(len(loss) - len(self._law.params), 1)
-        dispersion = max(float(np.sum(np.minimum(resid**2, 9.0)) / dof), 1.0)
         fitted = _Fitted(result, self._law, cov * dispersion, progress, total, int(steps[-1]))
         return fitted, None
+
+    def _dispersion(self, result, x, loss, sigma) -> float:
+        """Robust chi-square per degree of freedom of a fit (residuals clipped at 3), >= 1."""
+        resid = (self._law.predict(result.params, x) - loss) / sigma
+        dof = max(len(loss) - len(self._law.params), 1)
+        return max(float(np.sum(np.minimum(resid**2, 9.0)) / dof), 1.0)
 
     # ------------------------------------------------------------------ forecasting
     def forecast(

@@ -60,6 +60,11 @@ class Law(ABC):
         return self.predict_jac(theta, x)[0]
 
 
+def _power_bounds(loss_floor: float) -> list[tuple[float, float]]:
+    """Bounds of the parameters both laws share: ``L0``, ``log A``, ``alpha``, ``log_amp``."""
+    return [(0.0, loss_floor), (-10.0, 10.0), (0.01, 1.5), (-20.0, 5.0)]
+
+
 def _power_term(
     theta: NDArray[np.float64], area: NDArray[np.float64]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
@@ -87,13 +92,7 @@ class LRAnnealingLaw(Law):
     params = ("L0", "log_A", "alpha", "log_amp", "log_tau")
 
     def bounds(self, loss_floor: float) -> list[tuple[float, float]]:
-        return [
-            (0.0, loss_floor),
-            (-10.0, 10.0),
-            (0.01, 1.5),
-            (-20.0, 5.0),
-            (np.log(10.0), np.log(1e5)),
-        ]
+        return [*_power_bounds(loss_floor), (np.log(10.0), np.log(1e5))]
 
     def predict_jac(self, theta, x):
         power, d_log_a, d_alpha = _power_term(theta, x.area)
@@ -135,10 +134,7 @@ class MultiPowerLaw(Law):
 
     def bounds(self, loss_floor: float) -> list[tuple[float, float]]:
         return [
-            (0.0, loss_floor),
-            (-10.0, 10.0),
-            (0.01, 1.5),
-            (-20.0, 5.0),
+            *_power_bounds(loss_floor),
             (np.log(1e-6), np.log(10.0)),
             (0.05, 5.0),
             (0.0, 1.5),

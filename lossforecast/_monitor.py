@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -17,18 +16,13 @@ from numpy.typing import ArrayLike, NDArray
 from ._background import BackgroundFitter
 from ._events import Event, EventBus, forecast_event, summary_event
 from ._forecaster import Forecast, Forecaster, schedule_from_state
-from ._schedule import Schedule
 from .sinks import ConsoleSink, Sink, TensorBoardSink
 
 __all__ = [
     "Monitor",
     "train_loss_step",
     "join_schedule",
-    "forecast_metrics",
-    "check_forecaster_options",
     "default_sinks",
-    "never_raises",
-    "MonitorAccess",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,7 +30,7 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 _FAILED = object()  # what a guarded call returns when it raised
-_RECENT = 8  # last observations behind the smoothed loss and the step rate
+_RECENT = 8  # last observations behind the smoothed loss
 _RECENT_SPAN = 0.05  # ... of which those within this share of the planned steps are smoothed
 _TRAJECTORY_POINTS = 32  # future steps of the predicted trajectory in a forecast event
 
@@ -78,67 +72,6 @@ def join_schedule(
         f"state); the forecast assumes it was {future[0]:.6g}."
     )
     return np.concatenate([np.full(start, future[0]), future]), note
-
-
-def never_raises(hook: Callable[..., Any]) -> Callable[..., None]:
-    """Wrap an adapter hook so an error inside lossforecast is logged once per hook and swallowed.
-
-    The warning names the hook; training goes on.
-    """
-
-    @functools.wraps(hook)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            hook(self, *args, **kwargs)
-        except Exception as exc:
-            failed = self.__dict__.setdefault("_failed_hooks", set())
-            if hook.__name__ not in failed:
-                failed.add(hook.__name__)
-                logger.warning(
-                    "lossforecast: %s failed (%s: %s); training goes on.",
-                    hook.__name__,
-                    type(exc).__name__,
-                    exc,
-                )
-
-    return wrapper
-
-
-def forecast_metrics(forecast: Forecast) -> dict[str, float]:
-    """The scalars adapters log for a forecast: ``lossforecast/forecast`` and its interval.
-
-    Examples
-    --------
-    >>> f = Forecast(99, 2.0, 1.9, 2.1, 0.8, "multi-power", 40, 0.01, 50)
-    >>> sorted(forecast_metrics(f))
-    ['lossforecast/forecast', 'lossforecast/forecast_high', 'lossforecast/forecast_low']
-    """
-    return {
-        "lossforecast/forecast": forecast.loss,
-        "lossforecast/forecast_low": forecast.low,
-        "lossforecast/forecast_high": forecast.high,
-    }
-
-
-def check_forecaster_options(options: dict[str, Any]) -> None:
-    """Raise now, not when training starts, if ``options`` would not build a Forecaster.
-
-    ``target_step`` is checked against the schedule only once the schedule is known.
-
-    Raises
-    ------
-    TypeError
-        If an option is not a :class:`~lossforecast.Forecaster` keyword.
-    ValueError
-        If an option is out of range.
-    """
-    probe = {k: v for k, v in options.items() if k != "target_step"}
-    target = options.get("target_step")
-    if target is not None and (
-        isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0
-    ):
-        raise ValueError(f"`target_step` must be a non-negative int, got {target!r}.")
-    Forecaster(np.ones(2), **probe)
 
 
 def default_sinks(*, writer: Any = None, log_dir: str | os.PathLike | None = None) -> list[Sink]:
@@ -185,13 +118,13 @@ class Monitor:
     the observed smoothed loss and the residual at the latest observed step, the predicted
     trajectory for the rest of the planned schedule (33 steps from the latest observed one
     to the last, from the latest fit: nothing is fitted on the training thread) and, once
-    the step rate is known, ``seconds_to_finish``. :meth:`finish` ends the run with one
-    summary event that compares the last forecast with the loss reached, then closes the
-    sinks with a bounded wait. The smoothed loss is the mean of the last 8 observed losses
-    (those within 5% of the planned steps of the latest) moved along the fitted curve to
-    the latest step (no moving-average lag); the residual is that minus the prediction
-    there. The summary's reached loss is this smoothed loss at the last step, on the final
-    fit.
+    the step rate is known, ``seconds_to_finish`` (at the mean rate since the first
+    observation). :meth:`finish` ends the run with one summary event that compares the last
+    forecast with the loss reached, then closes the sinks with a bounded wait. The smoothed
+    loss is the mean of the last 8 observed losses (those within 5% of the planned steps of
+    the latest) moved along the fitted curve to the latest step (no moving-average lag);
+    the residual is that minus the prediction there. The summary's reached loss is this
+    smoothed loss at the last step, on the final fit.
 
     Parameters
     ----------
@@ -316,6 +249,7 @@ class Monitor:
         self._latest: Forecast | None = None
         self._forecast_fits = -1
         self._recent: deque[tuple[float, int, float]] = deque(maxlen=_RECENT)  # time, step, loss
+        self._first_seen: tuple[float, int] | None = None  # time, step: for the step rate
         self._emitted: Forecast | None = None  # last forecast sent as an event
         self._n_forecasts = 0
         self._finished = False
@@ -401,8 +335,11 @@ class Monitor:
             return None
         self._fitter.notify()
         value = float(loss)
+        now = time.monotonic()
+        if self._first_seen is None:
+            self._first_seen = (now, int(step))
         if math.isfinite(value):
-            self._recent.append((time.monotonic(), int(step), value))
+            self._recent.append((now, int(step), value))
         forecast = self.forecast()
         if forecast is None or self._finished:
             return None
@@ -502,6 +439,7 @@ class Monitor:
         self._window = LossWindow()
         self._latest, self._forecast_fits = None, -1
         self._recent.clear()
+        self._first_seen = None
         self._emitted = None
 
     # ------------------------------------------------------------------ events
@@ -551,10 +489,10 @@ class Monitor:
         return level, residual, (loss[at], low[at], high[at])
 
     def _eta(self, total: int) -> dict[str, float]:
-        """``{"seconds_to_finish": ...}`` from the step rate of the recent observations."""
-        if len(self._recent) < 2:
+        """``{"seconds_to_finish": ...}`` from the mean step rate since the first observation."""
+        if self._first_seen is None or not self._recent:
             return {}
-        (t0, s0, _), (t1, s1, _) = self._recent[0], self._recent[-1]
+        (t0, s0), (t1, s1, _) = self._first_seen, self._recent[-1]
         if t1 <= t0 or s1 <= s0:
             return {}
         return {"seconds_to_finish": max(total - 1 - s1, 0) * (t1 - t0) / (s1 - s0)}
@@ -605,64 +543,6 @@ class Monitor:
             f"Monitor(updates={self._updates}, every_n_steps={self.every_n_steps}, "
             f"forecaster={self.forecaster!r})"
         )
-
-
-class MonitorAccess:
-    """Shared part of the framework callbacks: their options and read access to their Monitor.
-
-    The callback builds its :class:`Monitor` (``self._monitor``) when training starts, on
-    the process that forecasts; before that and elsewhere these read None (``events``: an
-    empty list). The Monitor owns the run's :class:`~lossforecast.EventBus`.
-    """
-
-    _monitor: Monitor | None = None
-    _sinks: list[Sink] | None = None
-
-    def _configure(
-        self,
-        monitor: str,
-        lr_schedule: ArrayLike | None,
-        options: dict[str, Any],
-        sinks: Iterable[Sink] | None = None,
-    ) -> None:
-        """Validate and keep the options every callback takes."""
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}.")
-        self._lr_schedule = None if lr_schedule is None else Schedule(lr_schedule).lr
-        self._sinks = _checked_sinks(sinks)
-        check_forecaster_options(options)
-        self.monitor = monitor
-        self._options = dict(options)
-        self._monitor = None
-
-    def _run_sinks(self, tensorboard: Callable[[], dict[str, Any]]) -> list[Sink]:
-        """The sinks of a new run: the user's, or :func:`default_sinks`.
-
-        ``tensorboard()`` is only called for the defaults; it returns ``{"writer": w}`` or
-        ``{"log_dir": d}`` where the trainer already writes TensorBoard, else ``{}``.
-        """
-        if self._sinks is not None:
-            return list(self._sinks)
-        return default_sinks(**tensorboard())
-
-    @property
-    def events(self) -> list[Event]:
-        """The events of the current (or last) run so far; empty before training starts."""
-        return [] if self._monitor is None else self._monitor.events
-
-    @property
-    def forecaster(self) -> Forecaster | None:
-        """The core forecaster (None before training starts and off the forecasting process)."""
-        return None if self._monitor is None else self._monitor.forecaster
-
-    @property
-    def schedule_note(self) -> str | None:
-        """Why the schedule is not exactly the planned one, when it is not."""
-        return None if self._monitor is None else self._monitor.schedule_note
-
-    def forecast(self) -> Forecast | None:
-        """The latest forecast from the background fit (never waits)."""
-        return None if self._monitor is None else self._monitor.forecast()
 
 
 class LossWindow:

@@ -11,13 +11,8 @@ import numpy as np
 import pytest
 
 from lossforecast import Event, Forecast, Forecaster, Monitor
-from lossforecast._monitor import (
-    check_forecaster_options,
-    forecast_metrics,
-    join_schedule,
-    never_raises,
-    train_loss_step,
-)
+from lossforecast._callbacks import check_forecaster_options, forecast_metrics, never_raises
+from lossforecast._monitor import join_schedule, train_loss_step
 from lossforecast.sinks import ConsoleSink, Sink
 
 T = 400

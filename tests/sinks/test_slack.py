@@ -57,7 +57,7 @@ def test_summary_message_compares_forecast_with_the_loss_reached(hook, events):
     ("kinds", "milestones", "expected"),
     [
         (("warning",), (), 1),  # only the warning
-        (("forecast",), (), 8),  # every forecast update
+        (("forecast",), (), None),  # every forecast update (repeated texts de-duplicated)
         ((), (0.5,), 1),  # one forecast, at half-way
         ((), (1.0,), 0),  # never reached by a forecast (the summary is not a forecast update)
     ],
@@ -67,6 +67,9 @@ def test_kinds_and_milestones_choose_what_is_posted(hook, events, kinds, milesto
     for event in events:
         sink.write(event)
     assert sink.flush(5.0)
+    if expected is None:
+        expected = len({e.message for e in events if e.kind == "forecast" and not e.is_summary})
+        assert expected >= 5
     assert len(hook.requests) == expected
 
 

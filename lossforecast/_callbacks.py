@@ -1,0 +1,140 @@
+"""Shared parts of the framework callbacks: options, read access to their Monitor, guards."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ._events import Event
+from ._forecaster import Forecast, Forecaster
+from ._monitor import Monitor, _checked_sinks, default_sinks
+from ._schedule import Schedule
+from .sinks import Sink
+
+__all__ = ["MonitorAccess", "never_raises", "forecast_metrics", "check_forecaster_options"]
+
+logger = logging.getLogger(__name__)
+
+
+def never_raises(hook: Callable[..., Any]) -> Callable[..., None]:
+    """Wrap an adapter hook so an error inside lossforecast is logged once per hook and swallowed.
+
+    The warning names the hook; training goes on.
+    """
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            hook(self, *args, **kwargs)
+        except Exception as exc:
+            failed = self.__dict__.setdefault("_failed_hooks", set())
+            if hook.__name__ not in failed:
+                failed.add(hook.__name__)
+                logger.warning(
+                    "lossforecast: %s failed (%s: %s); training goes on.",
+                    hook.__name__,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    return wrapper
+
+
+def forecast_metrics(forecast: Forecast) -> dict[str, float]:
+    """The scalars adapters log for a forecast: ``lossforecast/forecast`` and its interval.
+
+    Examples
+    --------
+    >>> f = Forecast(99, 2.0, 1.9, 2.1, 0.8, "multi-power", 40, 0.01, 50)
+    >>> sorted(forecast_metrics(f))
+    ['lossforecast/forecast', 'lossforecast/forecast_high', 'lossforecast/forecast_low']
+    """
+    return {
+        "lossforecast/forecast": forecast.loss,
+        "lossforecast/forecast_low": forecast.low,
+        "lossforecast/forecast_high": forecast.high,
+    }
+
+
+def check_forecaster_options(options: dict[str, Any]) -> None:
+    """Raise now, not when training starts, if ``options`` would not build a Forecaster.
+
+    ``target_step`` is checked against the schedule only once the schedule is known.
+
+    Raises
+    ------
+    TypeError
+        If an option is not a :class:`~lossforecast.Forecaster` keyword.
+    ValueError
+        If an option is out of range.
+    """
+    probe = {k: v for k, v in options.items() if k != "target_step"}
+    target = options.get("target_step")
+    if target is not None and (
+        isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0
+    ):
+        raise ValueError(f"`target_step` must be a non-negative int, got {target!r}.")
+    Forecaster(np.ones(2), **probe)
+
+
+class MonitorAccess:
+    """Shared part of the framework callbacks: their options and read access to their Monitor.
+
+    The callback builds its :class:`Monitor` (``self._monitor``) when training starts, on
+    the process that forecasts; before that and elsewhere these read None (``events``: an
+    empty list). The Monitor owns the run's :class:`~lossforecast.EventBus`.
+    """
+
+    _monitor: Monitor | None = None
+    _sinks: list[Sink] | None = None
+
+    def _configure(
+        self,
+        monitor: str,
+        lr_schedule: ArrayLike | None,
+        options: dict[str, Any],
+        sinks: Iterable[Sink] | None = None,
+    ) -> None:
+        """Validate and keep the options every callback takes."""
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}.")
+        self._lr_schedule = None if lr_schedule is None else Schedule(lr_schedule).lr
+        self._sinks = _checked_sinks(sinks)
+        check_forecaster_options(options)
+        self.monitor = monitor
+        self._options = dict(options)
+        self._monitor = None
+
+    def _run_sinks(self, tensorboard: Callable[[], dict[str, Any]]) -> list[Sink]:
+        """The sinks of a new run: the user's, or :func:`default_sinks`.
+
+        ``tensorboard()`` is only called for the defaults; it returns ``{"writer": w}`` or
+        ``{"log_dir": d}`` where the trainer already writes TensorBoard, else ``{}``.
+        """
+        if self._sinks is not None:
+            return list(self._sinks)
+        return default_sinks(**tensorboard())
+
+    @property
+    def events(self) -> list[Event]:
+        """The events of the current (or last) run so far; empty before training starts."""
+        return [] if self._monitor is None else self._monitor.events
+
+    @property
+    def forecaster(self) -> Forecaster | None:
+        """The core forecaster (None before training starts and off the forecasting process)."""
+        return None if self._monitor is None else self._monitor.forecaster
+
+    @property
+    def schedule_note(self) -> str | None:
+        """Why the schedule is not exactly the planned one, when it is not."""
+        return None if self._monitor is None else self._monitor.schedule_note
+
+    def forecast(self) -> Forecast | None:
+        """The latest forecast from the background fit (never waits)."""
+        return None if self._monitor is None else self._monitor.forecast()
