@@ -39,7 +39,7 @@ _PROGRESS_KNOTS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
 _LEVELS = (0.5, 0.8, 0.9, 0.95)
 #: Floor of the model-error scale: a final loss is itself known only to about 0.1% (the
 #: smoothing or averaging behind it), so no backtest can vouch for a tighter interval.
-MIN_REL_STD = 1e-3
+MIN_REL_STD = 1.5e-3
 
 
 class FinishedRun(Protocol):
