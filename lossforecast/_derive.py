@@ -10,8 +10,9 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.stats import norm
 
+from ._backtest import backtest
 from ._fit import fit_law
-from ._forecaster import Forecaster, _bin_noise, _initial_starts
+from ._forecaster import _bin_noise, _initial_starts
 from ._laws import LAWS, LawInputs
 from ._observations import Observations
 from ._priors import Calibration, LawPrior, Priors
@@ -208,26 +209,28 @@ def _l0_table(ratio, progress, groups) -> tuple[tuple[float, float, float], ...]
 
 def _backtests(name: str, run: FinishedRun, priors: Priors, weight: float) -> list[_Backtest]:
     """Forecasts of one run's final loss from each calibration cutoff."""
-    out = []
+    schedule = Schedule(run.lr_schedule)
+    points = backtest(
+        run.steps,
+        run.loss,
+        schedule,
+        cutoffs=CALIBRATION_CUTOFFS,
+        final_step=run.final_step,
+        truth=run.final_loss,
+        law=name,
+        priors=priors,
+    )
     z = float(norm.ppf(0.9))
-    for cut in CALIBRATION_CUTOFFS:
-        fc = Forecaster(run.lr_schedule, law=name, target_step=run.final_step, priors=priors)
-        seen = run.steps <= cut * fc.schedule.total_steps
-        for s, y in zip(run.steps[seen], run.loss[seen], strict=True):
-            fc.update(int(s), float(y))
-        f = fc.forecast()
-        if f is None:
-            continue
-        progress = fc.schedule.area[f.observed_step] / fc.schedule.area[-1]
-        out.append(
-            _Backtest(
-                float(progress),
-                (f.loss - run.final_loss) / run.final_loss,
-                (f.high - f.loss) / z / f.loss,
-                weight,
-            )
+    return [
+        _Backtest(
+            float(schedule.area[p.forecast.observed_step] / schedule.area[-1]),
+            p.rel_error,
+            (p.forecast.high - p.forecast.loss) / z / p.forecast.loss,
+            weight,
         )
-    return out
+        for p in points
+        if p.forecast is not None
+    ]
 
 
 def _calibrate(tests: list[_Backtest]) -> Calibration:
