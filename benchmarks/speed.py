@@ -12,9 +12,9 @@ for both laws, with 2,000 observed points spread over the first 60% of the run:
 * ``refit`` -- median and 90th percentile over 25 refits, each after 10 new points
   (the warm-started refit a training loop pays).
 
-Each configuration runs twice, in child processes: with the BLAS thread pool as found, and
-with ``OPENBLAS_NUM_THREADS=1`` (SciPy's L-BFGS-B calls BLAS on tiny matrices, where
-threads only add synchronisation, and badly so when training keeps the cores busy).
+A fit holds BLAS to one thread itself (``lossforecast._fit``: SciPy's L-BFGS-B calls BLAS
+on tiny matrices, where threads only add synchronisation, badly so when training keeps the
+cores busy), so the BLAS thread pool as found is the only setting measured.
 
 Run ``python benchmarks/speed.py`` (add ``--profile`` for where a refit's time goes); it
 prints a table and writes ``benchmarks/speed.md``.
@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,33 +135,19 @@ def profile(schedule: str, law: str) -> str:
     return out.getvalue()
 
 
-def _child(schedule: str, law: str, single_thread: bool) -> dict:
-    env = dict(os.environ)
-    if single_thread:
-        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", schedule, law],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _ok(value: float, target: float) -> str:
     return "yes" if value < target else "**no**"
 
 
 def table(results: list[dict]) -> str:
     head = (
-        "| schedule | law | BLAS threads | update (µs/call) | < 5 µs | first fit (ms) "
+        "| schedule | law | update (µs/call) | < 5 µs | first fit (ms) "
         "| refit median (ms) | refit p90 (ms) | < 50 ms |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 8]
     for r in results:
         lines.append(
-            f"| {r['schedule']} | {r['law']} | {r['threads']} | {r['update_us']:.2f} | "
+            f"| {r['schedule']} | {r['law']} | {r['update_us']:.2f} | "
             f"{_ok(r['update_us'], UPDATE_TARGET_US)} | {r['first_fit_ms']:.1f} | "
             f"{r['refit_ms']:.1f} | {r['refit_p90_ms']:.1f} | "
             f"{_ok(r['refit_ms'], REFIT_TARGET_MS)} |"
@@ -173,13 +157,9 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=2, metavar=("SCHEDULE", "LAW"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="print where a refit's time goes")
     parser.add_argument("--out", default=str(HERE / "speed.md"), help="results file")
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(*args.child)))
-        return 0
     if args.profile:
         for schedule in SCHEDULES:
             print(f"== {schedule}, multi-power ==")
@@ -192,17 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for schedule in SCHEDULES:
         for law in ("multi-power", "lr-annealing"):
-            for single in (False, True):
-                r = _child(schedule, law, single)
-                r["threads"] = "1" if single else "default"
-                results.append(r)
-                print(
-                    f"{schedule:14s} {law:13s} threads={r['threads']:7s} "
-                    f"update {r['update_us']:.2f} µs  "
-                    f"first fit {r['first_fit_ms']:.1f} ms  refit {r['refit_ms']:.1f} ms "
-                    f"(p90 {r['refit_p90_ms']:.1f})  ok={r['fit_ok']}",
-                    flush=True,
-                )
+            r = measure(schedule, law)
+            results.append(r)
+            print(
+                f"{schedule:14s} {law:13s} update {r['update_us']:.2f} µs  "
+                f"first fit {r['first_fit_ms']:.1f} ms  refit {r['refit_ms']:.1f} ms "
+                f"(p90 {r['refit_p90_ms']:.1f})  ok={r['fit_ok']}",
+                flush=True,
+            )
     text = table(results)
     print()
     print(text)
@@ -216,8 +193,8 @@ Written by `python benchmarks/speed.py` ({time.strftime("%Y-%m-%d")}). Targets (
 Setup: {TOTAL:,}-step schedules (warmup + cosine to 10%; WSD with a 20% linear cooldown);
 `update` is the median over {N_UPDATE_BATCHES} batches of {BATCH:,} calls; the refits follow
 {N_POINTS:,} points spread over the first 60% of the run, each after 10 new points
-({N_REFITS} refits, warm-started); "first fit" is the first, multi-start fit. "BLAS threads 1"
-runs with `OPENBLAS_NUM_THREADS=1`.
+({N_REFITS} refits, warm-started); "first fit" is the first, multi-start fit. Each fit holds
+BLAS to one thread itself.
 
 {text}
 
@@ -225,10 +202,9 @@ Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, lo
 {load:.2f} when the run started; Python {platform.python_version()}, numpy {numpy.__version__},
 scipy {scipy.__version__}.
 
-Timings with the default BLAS thread pool depend on what else keeps the cores busy (as training
-does). With other work running, SciPy's L-BFGS-B (`setulb`, which calls BLAS on tiny arrays)
-takes most of a fit's time. With one BLAS thread, the law's `predict_jac` takes most of it
-(`python benchmarks/speed.py --profile`).
+The law's `predict_jac` takes most of a refit's time (`python benchmarks/speed.py --profile`).
+Before fits held BLAS to one thread, SciPy's L-BFGS-B (`setulb`, BLAS on tiny arrays) took most
+of it whenever other work kept the cores busy, and refits were 5-50x slower.
 """
     Path(args.out).write_text(md)
     print(f"\nwrote {args.out}")
