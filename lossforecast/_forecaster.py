@@ -300,12 +300,9 @@ class Forecaster:
                     f"but the run is already at step {seen}."
                 )
             past = slice(0, seen + 1)
-            if not np.allclose(other.lr[past], self.schedule.lr[past], rtol=1e-6, atol=0.0):
-                i = int(
-                    np.argmax(
-                        ~np.isclose(other.lr[past], self.schedule.lr[past], rtol=1e-6, atol=0.0)
-                    )
-                )
+            differs = ~np.isclose(other.lr[past], self.schedule.lr[past], rtol=1e-6, atol=0.0)
+            if differs.any():
+                i = int(np.argmax(differs))
                 raise ValueError(
                     f"what-if schedule differs from the planned one at step {i}, which the run has "
                     f"already trained ({other.lr[i]!r} vs {self.schedule.lr[i]!r}); "
