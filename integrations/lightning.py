@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from lossforecast import Forecast, Monitor
-from lossforecast._callbacks import MonitorAccess, forecast_metrics, never_raises
+from lossforecast import Monitor
+from lossforecast._callbacks import MonitorAccess, never_raises
 from lossforecast._monitor import LossWindow, train_loss_step
+from lossforecast.sinks import MetricsSink
 
 try:
     import lightning.pytorch as pl
@@ -60,6 +61,12 @@ class LossForecastCallback(MonitorAccess, _Callback):
         :class:`~lossforecast.sinks.ConsoleSink`, plus a
         :class:`~lossforecast.sinks.TensorBoardSink` into the experiment of the trainer's
         ``TensorBoardLogger`` (the same run folder) when it has one. ``[]``: none.
+    log_to_loggers : bool, optional
+        Also log the event scalars (``lossforecast/forecast/final_loss``, ``.../low``,
+        ``.../high``, ``lossforecast/seconds_to_finish``, ``lossforecast/events/warnings``,
+        ...: see :class:`~lossforecast.EventScalars`) to every logger of the trainer other
+        than TensorBoard's (CSV, W&B, MLflow, ...), at the trainer's ``global_step``.
+        Default True.
     **forecaster_options
         Passed to :class:`~lossforecast.Forecaster` (``law``, ``coverage``, ...).
 
@@ -77,11 +84,8 @@ class LossForecastCallback(MonitorAccess, _Callback):
     Notes
     -----
     The forecast follows parameter group 0 of the first optimizer. Whenever a new fit is
-    ready a forecast event goes to the sinks, and the forecast and its interval are logged
-    as ``lossforecast/forecast``, ``lossforecast/forecast_low`` and
-    ``lossforecast/forecast_high`` to every logger of the trainer except a
-    ``TensorBoardLogger`` (TensorBoard gets its ``lossforecast/`` scalars from the
-    TensorBoard sink only). At the end of training a summary event compares the last
+    ready a forecast event goes to the sinks (and its scalars to the loggers, see
+    ``log_to_loggers``). At the end of training a summary event compares the last
     forecast with the loss reached and the sinks are closed with a bounded wait. Under DDP
     only global rank zero forecasts and logs. The state (observations and
     schedule) is saved in checkpoints under :attr:`state_key`; a resumed run continues the
@@ -104,6 +108,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
         lr_schedule: Any = None,
         every_n_steps: int | None = None,
         sinks: Any = None,
+        log_to_loggers: bool = True,
         **forecaster_options: Any,
     ) -> None:
         if pl is None:
@@ -119,6 +124,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
                 f"`every_n_steps` must be a positive int or None, got {every_n_steps!r}."
             )
         self._configure(monitor, lr_schedule, forecaster_options, sinks)
+        self.log_to_loggers = bool(log_to_loggers)
         self.every_n_steps = every_n_steps
         self._saved: dict | None = None
         self._told: set[str] = set()
@@ -150,7 +156,11 @@ class LossForecastCallback(MonitorAccess, _Callback):
                 lr_schedule=self._lr_schedule,
                 start_step=start,
                 state=self._saved if start > 0 else None,
-                sinks=self._run_sinks(lambda: _tensorboard(trainer)),
+                sinks=[
+                    *self._run_sinks(lambda: _tensorboard(trainer)),
+                    *_logger_sinks(trainer, self.log_to_loggers),
+                ],
+                run_dir=trainer.log_dir or trainer.default_root_dir,
                 **self._options,
             )
 
@@ -204,9 +214,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
         """Log a last forecast from all the data, emit the summary and close the sinks."""
         if self._monitor is None:
             return
-        forecast = self._monitor.finish(step=trainer.global_step - 1)
-        if forecast is not None:
-            self._log(trainer, forecast)
+        self._monitor.finish(step=trainer.global_step - 1)
 
     @never_raises
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -238,14 +246,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
     def _feed(self, trainer: Any, step: int, value: Any) -> None:
         if self._monitor is None:
             return
-        forecast = self._monitor.observe(step, float(value))  # emits the event of a new fit
-        if forecast is not None:
-            self._log(trainer, forecast)
-
-    def _log(self, trainer: Any, forecast: Forecast) -> None:
-        for lg in trainer.loggers:
-            if not _is_tensorboard(lg):  # TensorBoard has the TensorBoard sink
-                lg.log_metrics(forecast_metrics(forecast), step=trainer.global_step)
+        self._monitor.observe(step, float(value))  # emits the events of a new fit
 
     def _tell(self, key: str, message: str) -> None:
         if key not in self._told:
@@ -256,6 +257,23 @@ class LossForecastCallback(MonitorAccess, _Callback):
 def _is_tensorboard(lg: Any) -> bool:
     """Whether a logger is a ``TensorBoardLogger`` (of either Lightning namespace)."""
     return any(c.__name__ == "TensorBoardLogger" for c in type(lg).__mro__)
+
+
+def _logger_sinks(trainer: Any, enabled: bool) -> list[MetricsSink]:
+    """A sink that logs event scalars to every logger of the trainer except TensorBoard's.
+
+    TensorBoard gets them from the TensorBoard sink. They are logged at the trainer's
+    current ``global_step`` (the step every other metric of that moment is logged at).
+    """
+    loggers = [lg for lg in trainer.loggers if not _is_tensorboard(lg)]
+    if not enabled or not loggers:
+        return []
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        for lg in loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+
+    return [MetricsSink(log)]
 
 
 def _tensorboard(trainer: Any) -> dict[str, Any]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from lossforecast import Monitor
-from lossforecast._callbacks import MonitorAccess, forecast_metrics, never_raises
+from lossforecast._callbacks import MonitorAccess, never_raises
 from lossforecast._monitor import train_loss_step
+from lossforecast.sinks import MetricsSink
 
 try:
     from transformers import TrainerCallback
@@ -49,6 +51,12 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         :class:`~lossforecast.sinks.ConsoleSink`, plus a
         :class:`~lossforecast.sinks.TensorBoardSink` when ``report_to`` includes
         ``"tensorboard"``, into the folder HF's TensorBoard callback writes. ``[]``: none.
+    log_to_loggers : bool, optional
+        Also pass the event scalars (``lossforecast/forecast/final_loss``, ``.../low``,
+        ``.../high``, ``lossforecast/seconds_to_finish``, ``lossforecast/events/warnings``,
+        ...: see :class:`~lossforecast.EventScalars`) to the ``report_to`` reporters (W&B,
+        MLflow, ...) with the next logs, and add them to ``logs`` and ``state.log_history``.
+        Default True.
     **forecaster_options
         Passed to :class:`~lossforecast.Forecaster` (``law``, ``coverage``, ...).
 
@@ -65,12 +73,9 @@ class LossForecastCallback(MonitorAccess, *_Bases):
     Notes
     -----
     The forecast follows parameter group 0. When a new fit is ready a forecast event goes
-    to the sinks, and its ``lossforecast/forecast``, ``lossforecast/forecast_low`` and
-    ``lossforecast/forecast_high`` are added to the ``logs`` of that log call and to
-    ``state.log_history``. The Trainer runs its reporting callbacks (``report_to``) before
-    user callbacks, so these logs keys reach a reporter such as W&B only if you pass that
-    reporting callback after this one in ``callbacks=``; TensorBoard gets its
-    ``lossforecast/`` scalars from the TensorBoard sink. The TensorBoard folder is
+    to the sinks. The Trainer calls its reporters before user callbacks, so the reporters
+    already called for a log get the new scalars from this callback directly; TensorBoard
+    gets its ``lossforecast/`` scalars from the TensorBoard sink. The TensorBoard folder is
     ``TENSORBOARD_LOGGING_DIR``, else ``args.logging_dir`` (transformers < 5), else the
     newest folder under ``output_dir/runs`` (the one HF's callback has just made). At the
     end of training a summary event compares the last forecast with the loss reached and
@@ -86,7 +91,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
     >>> from lossforecast.integrations.transformers import LossForecastCallback
     >>> cb = LossForecastCallback(coverage=0.9)
     >>> cb.state()["args"]
-    {'monitor': 'loss', 'lr_schedule': None, 'coverage': 0.9}
+    {'monitor': 'loss', 'lr_schedule': None, 'log_to_loggers': True, 'coverage': 0.9}
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         *,
         lr_schedule: Any = None,
         sinks: Any = None,
+        log_to_loggers: bool = True,
         **forecaster_options: Any,
     ) -> None:
         if TrainerCallback is None:
@@ -102,6 +108,9 @@ class LossForecastCallback(MonitorAccess, *_Bases):
                 'LossForecastCallback needs transformers: pip install "lossforecast[transformers]".'
             )
         self._configure(monitor, lr_schedule, forecaster_options, sinks)
+        self.log_to_loggers = bool(log_to_loggers)
+        self._pending: dict[str, float] = {}  # event scalars not yet passed to the reporters
+        self._reporters_before: list[Any] = []  # reporters the Trainer calls before this one
         self._last_log_step = 0
         self._last_step = -1
 
@@ -110,6 +119,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         args = {
             "monitor": self.monitor,
             "lr_schedule": None if self._lr_schedule is None else self._lr_schedule.tolist(),
+            "log_to_loggers": self.log_to_loggers,
         }
         args.update({k: v for k, v in self._options.items() if k != "priors"})
         saved = None if self._monitor is None else self._monitor.state_dict()
@@ -134,7 +144,8 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             lr_schedule=self._lr_schedule,
             start_step=start,
             state=self._saved_state(state) if start > 0 else None,
-            sinks=self._run_sinks(lambda: _tensorboard(args)),
+            sinks=[*self._run_sinks(lambda: _tensorboard(args)), *self._logger_sinks()],
+            run_dir=args.output_dir,
             **self._options,
         )
 
@@ -142,24 +153,23 @@ class LossForecastCallback(MonitorAccess, *_Bases):
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
     ) -> None:
-        """Feed the monitored value; add the latest forecast to the logs."""
-        if not logs or self.monitor not in logs:
+        """Feed the monitored value; pass the new event scalars on with the logs."""
+        if logs is None:
             return
         g = state.global_step
-        if self.monitor == "loss":
-            step = train_loss_step(g, g - self._last_log_step)
-            self._last_log_step = g
-        else:
-            step = g - 1  # the model after update g - 1
-        if self._monitor is None or step <= self._last_step:
-            return
-        self._last_step = step
-        forecast = self._monitor.observe(step, float(logs[self.monitor]))  # emits a new fit
-        if forecast is not None:
-            metrics = forecast_metrics(forecast)
-            logs.update(metrics)
-            if state.log_history and state.log_history[-1].get("step") == g:
-                state.log_history[-1].update(metrics)
+        if self.monitor in logs and self._monitor is not None:
+            if self.monitor == "loss":
+                step = train_loss_step(g, g - self._last_log_step)
+                self._last_log_step = g
+            else:
+                step = g - 1  # the model after update g - 1
+            if step > self._last_step:
+                self._last_step = step
+                self._monitor.observe(step, float(logs[self.monitor]))  # emits a new fit
+        if "train_runtime" in logs and self._monitor is not None:
+            # the Trainer's last log, before on_train_end: the summary goes with it
+            self._monitor.finish(step=state.global_step - 1)
+        self._flush_metrics(args, state, control, logs)
 
     @never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -168,6 +178,39 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             self._monitor.finish(step=state.global_step - 1)
 
     # ------------------------------------------------------------------ helpers
+    def _logger_sinks(self) -> list[MetricsSink]:
+        """A sink that keeps event scalars for the next ``on_log`` (see :meth:`_flush_metrics`)."""
+        self._pending = {}
+        if not self.log_to_loggers:
+            return []
+        self._reporters_before = _reporters_before(self)
+        return [MetricsSink(lambda metrics, step: self._pending.update(metrics))]
+
+    def _flush_metrics(self, args: Any, state: Any, control: Any, logs: dict) -> None:
+        """Add the pending event scalars to ``logs`` and ``log_history``; tell earlier reporters.
+
+        The Trainer calls its ``report_to`` reporters before user callbacks, so the ones
+        already called for these logs get the scalars from here (TensorBoard's excepted: it
+        has the TensorBoard sink); those after this callback read them from ``logs``.
+        """
+        metrics, self._pending = self._pending, {}
+        if not metrics:
+            return
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        for reporter in self._reporters_before:
+            try:
+                reporter.on_log(args, state, control, logs=dict(metrics))
+            except Exception as exc:  # a reporter failing must not stop the others
+                self._reporters_before.remove(reporter)
+                logger.warning(
+                    "lossforecast: could not log to %s (%s: %s); it gets no more forecasts.",
+                    type(reporter).__name__,
+                    type(exc).__name__,
+                    exc,
+                )
+
     def _saved_state(self, state: Any) -> dict | None:
         """This callback's saved state in the resumed ``trainer_state.json``, if any."""
         entries = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -175,6 +218,30 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             if isinstance(entry, dict) and entry.get("args", {}).get("monitor") == self.monitor:
                 return entry.get("attributes", {}).get("saved_state")
         return None
+
+
+def _reporters_before(callback: Any) -> list[Any]:
+    """The ``report_to`` reporters the Trainer calls before ``callback`` (TensorBoard's excepted).
+
+    They are found in the list of the ``CallbackHandler`` that is calling ``callback`` now
+    (the caller's frame): the Trainer exposes no other way to reach them from a callback.
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            break
+        handler = frame.f_locals.get("self")
+        callbacks = getattr(handler, "callbacks", None)
+        if isinstance(callbacks, list) and any(c is callback for c in callbacks):
+            before = callbacks[: next(i for i, c in enumerate(callbacks) if c is callback)]
+            return [
+                c
+                for c in before
+                if type(c).__module__.startswith("transformers.integrations")
+                and type(c).__name__ != "TensorBoardCallback"
+            ]
+        frame = frame.f_back
+    return []
 
 
 def _tensorboard(args: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ The core is pure numpy/scipy; framework adapters live in ``lossforecast.integrat
 """
 
 from ._backtest import BacktestPoint, Trajectory, backtest
-from ._events import Event, EventBus, forecast_event, summary_event
+from ._events import Event, EventBus, EventScalars, forecast_event, summary_event
 from ._fit import FitResult, FitStatus
 from ._forecaster import Forecast, Forecaster
 from ._io import (
@@ -27,6 +27,7 @@ __all__ = [
     "Curve",
     "Event",
     "EventBus",
+    "EventScalars",
     "RebuiltSchedule",
     "Run",
     "Trajectory",

@@ -14,9 +14,10 @@ from ._events import Event
 from ._forecaster import Forecast, Forecaster
 from ._monitor import Monitor, _checked_sinks, default_sinks
 from ._schedule import Schedule
+from ._status import RunStatus
 from .sinks import Sink
 
-__all__ = ["MonitorAccess", "never_raises", "forecast_metrics", "check_forecaster_options"]
+__all__ = ["MonitorAccess", "never_raises", "check_forecaster_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +44,6 @@ def never_raises(hook: Callable[..., Any]) -> Callable[..., None]:
                 )
 
     return wrapper
-
-
-def forecast_metrics(forecast: Forecast) -> dict[str, float]:
-    """The scalars adapters log for a forecast: ``lossforecast/forecast`` and its interval.
-
-    Examples
-    --------
-    >>> f = Forecast(99, 2.0, 1.9, 2.1, 0.8, "multi-power", 40, 0.01, 50)
-    >>> sorted(forecast_metrics(f))
-    ['lossforecast/forecast', 'lossforecast/forecast_high', 'lossforecast/forecast_low']
-    """
-    return {
-        "lossforecast/forecast": forecast.loss,
-        "lossforecast/forecast_low": forecast.low,
-        "lossforecast/forecast_high": forecast.high,
-    }
 
 
 def check_forecaster_options(options: dict[str, Any]) -> None:
@@ -138,3 +123,7 @@ class MonitorAccess:
     def forecast(self) -> Forecast | None:
         """The latest forecast from the background fit (never waits)."""
         return None if self._monitor is None else self._monitor.forecast()
+
+    def status(self) -> RunStatus | None:
+        """Where the run stands: progress, forecast, ETA and cost to finish (None before)."""
+        return None if self._monitor is None else self._monitor.status()

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ._forecaster import Forecast
     from .sinks import Sink
 
-__all__ = ["Event", "EventBus", "forecast_event", "summary_event"]
+__all__ = ["Event", "EventBus", "EventScalars", "forecast_event", "summary_event"]
 
 logger = logging.getLogger(__name__)
 
@@ -335,6 +335,54 @@ def summary_event(
         )
     data.update(extra or {})
     return Event("forecast", "info", step, message, data)
+
+
+#: Prefix of every scalar lossforecast writes to TensorBoard or a trainer's loggers.
+SCALAR_PREFIX = "lossforecast/"
+# data key -> scalar name (after the prefix), for forecast events and the summary
+_FORECAST_TAGS = {
+    "final_loss": "forecast/final_loss",
+    "low": "forecast/low",
+    "high": "forecast/high",
+    "observed_loss": "observed/smoothed_loss",
+    "residual": "forecast/residual",
+}
+_SUMMARY_TAGS = {"reached_loss": "summary/reached_loss", "error": "summary/error"}
+
+
+class EventScalars:
+    """Turns events into the ``lossforecast/...`` scalars every metric sink writes.
+
+    Forecast events give ``forecast/final_loss``, ``forecast/low``, ``forecast/high``,
+    ``observed/smoothed_loss``, ``forecast/residual``, every ``*_to_finish`` number and every
+    data key that already holds a ``/`` (namespaced metrics such as ``compute/mfu``); the
+    summary gives ``summary/reached_loss`` and ``summary/error``; warnings and advice give the
+    running counts ``events/warnings`` and ``events/advice`` (so a tracker can alert on them).
+
+    Examples
+    --------
+    >>> to_scalars = EventScalars()
+    >>> to_scalars(Event("warning", "warning", 5, "loss spike"))
+    {'lossforecast/events/warnings': 1.0}
+    """
+
+    def __init__(self) -> None:
+        self.counts = {"warning": 0, "advice": 0}
+
+    def __call__(self, event: Event) -> dict[str, float]:
+        data = event.data
+        if event.kind != "forecast":
+            self.counts[event.kind] += 1
+            name = "events/warnings" if event.kind == "warning" else "events/advice"
+            return {SCALAR_PREFIX + name: float(self.counts[event.kind])}
+        tags = _SUMMARY_TAGS if event.is_summary else _FORECAST_TAGS
+        pairs = [(tag, data[key]) for key, tag in tags.items() if key in data]
+        pairs += [(k, v) for k, v in data.items() if k.endswith("_to_finish") or "/" in k]
+        return {
+            SCALAR_PREFIX + tag: float(v)
+            for tag, v in pairs
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
 
 
 def _close(sink: Sink, timeout: float) -> None:

@@ -16,6 +16,8 @@ from numpy.typing import ArrayLike, NDArray
 from ._background import BackgroundFitter
 from ._events import Event, EventBus, forecast_event, summary_event
 from ._forecaster import Forecast, Forecaster, schedule_from_state
+from ._scorecard import Scorecard
+from ._status import RunStatus, eta_text
 from .sinks import ConsoleSink, Sink, TensorBoardSink
 
 __all__ = [
@@ -149,6 +151,9 @@ class Monitor:
         (the events are still kept in :attr:`events`).
     log_dir : str or os.PathLike, optional
         Run folder for the default TensorBoard sink (needs ``tensorboard``).
+    run_dir : str or os.PathLike, optional
+        Folder for the files written at the end of the run (the scorecard,
+        ``lossforecast_scorecard.json``); ``log_dir`` by default, none without either.
     **forecaster_options
         Passed to :class:`~lossforecast.Forecaster` (``law``, ``target_step``,
         ``coverage``, ``max_bins``, ``min_points``, ``priors``).
@@ -199,6 +204,7 @@ class Monitor:
         every_n_steps: int = 1,
         sinks: Iterable[Sink] | None = None,
         log_dir: str | os.PathLike | None = None,
+        run_dir: str | os.PathLike | None = None,
         **forecaster_options: Any,
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps)
@@ -254,6 +260,8 @@ class Monitor:
         self._n_forecasts = 0
         self._finished = False
         self.bus = EventBus(default_sinks(log_dir=log_dir) if sinks is None else sinks)
+        self.run_dir = run_dir if run_dir is not None else log_dir
+        self._scorecard = Scorecard(self.forecaster.schedule.total_steps)
 
     @classmethod
     def for_run(
@@ -265,6 +273,7 @@ class Monitor:
         start_step: int = 0,
         state: dict | None = None,
         sinks: Iterable[Sink] | None = None,
+        run_dir: str | os.PathLike | None = None,
         **forecaster_options: Any,
     ) -> Monitor:
         """A monitor for a run of ``total_steps`` steps that starts (or resumes) at ``start_step``.
@@ -293,7 +302,7 @@ class Monitor:
             note = note or capture_note
         if note is not None:
             logger.warning("lossforecast: %s", note)
-        monitor = cls(lr, sinks=sinks, **forecaster_options)
+        monitor = cls(lr, sinks=sinks, run_dir=run_dir, **forecaster_options)
         monitor.schedule_note = note
         if state:
             try:
@@ -364,6 +373,39 @@ class Monitor:
             self._forecast_fits = fits
         return self._latest
 
+    def status(self) -> RunStatus:
+        """Where the run stands: progress, latest forecast, time (and cost) to finish."""
+        total = self.forecaster.schedule.total_steps
+        seconds = self._seconds_to_finish(total)
+        counts = {"warning": 0}
+        advice = []
+        for e in self.bus.events:
+            if e.kind == "warning":
+                counts["warning"] += 1
+            elif e.kind == "advice":
+                advice.append(e.message)
+        observed = self._recent[-1][1] + 1 if self._recent else 0
+        return RunStatus(
+            step=max(self._updates, observed),
+            total_steps=total,
+            forecast=self._emitted,
+            seconds_to_finish=seconds,
+            eta=None if seconds is None else eta_text(seconds, time.time()),
+            warnings=counts["warning"],
+            advice=tuple(advice),
+        )
+
+    def emit(self, event: Event) -> None:
+        """Send ``event`` to the sinks with the run's status numbers added (never raises).
+
+        Warnings and advice carry ``progress``, ``seconds_to_finish`` and ``eta`` too, so
+        every webhook payload says when the run will end.
+        """
+        if event.kind != "forecast":
+            data = {**self.status().data(), **event.data}
+            event = Event(event.kind, event.severity, event.step, event.message, data, event.time)
+        self._guard("report an event", self.bus.emit, event)
+
     @property
     def events(self) -> list[Event]:
         """The events emitted so far (forecasts and, after :meth:`finish`, the summary)."""
@@ -378,6 +420,8 @@ class Monitor:
         :meth:`step` saw, or the last observed step). Fitting and the sinks are each given
         at most ``timeout`` seconds.
         """
+        if step is not None:
+            self._updates = max(self._updates, int(step) + 1)
         self._fitter.close(timeout)
         if self._fitter.n_errors:
             final = self.forecast()
@@ -449,7 +493,7 @@ class Monitor:
         step = self._recent[-1][1] if self._recent else forecast.observed_step
         future = np.unique(np.linspace(step, total - 1, _TRAJECTORY_POINTS + 1).round())
         future = future.astype(np.int64)
-        extra = self._eta(total)
+        extra = self.status().data()
         smoothed = self._smoothed(step, future)
         if smoothed is None:
             event = forecast_event(forecast, step=step, extra=extra)
@@ -464,6 +508,7 @@ class Monitor:
                 extra=extra,
             )
         self._n_forecasts += 1
+        self._scorecard.record(step, forecast)
         self.bus.emit(event)
 
     def _smoothed(self, step: int, extra_steps: NDArray[np.int64]) -> tuple | None:
@@ -488,14 +533,14 @@ class Monitor:
         at = np.searchsorted(steps, extra_steps)
         return level, residual, (loss[at], low[at], high[at])
 
-    def _eta(self, total: int) -> dict[str, float]:
-        """``{"seconds_to_finish": ...}`` from the mean step rate since the first observation."""
+    def _seconds_to_finish(self, total: int) -> float | None:
+        """Time left at the mean step rate since the first observation (None until known)."""
         if self._first_seen is None or not self._recent:
-            return {}
+            return None
         (t0, s0), (t1, s1, _) = self._first_seen, self._recent[-1]
         if t1 <= t0 or s1 <= s0:
-            return {}
-        return {"seconds_to_finish": max(total - 1 - s1, 0) * (t1 - t0) / (s1 - s0)}
+            return None
+        return max(total - 1 - s1, 0) * (t1 - t0) / (s1 - s0)
 
     def _emit_summary(self, step: int | None) -> None:
         """Emit the end-of-training summary (nothing if no loss was ever observed)."""
@@ -510,7 +555,11 @@ class Monitor:
             smoothed[0] if smoothed is not None else float(np.mean([v for *_, v in self._recent]))
         )
         extra = {"reached_step": step, "forecasts": self._n_forecasts}
+        extra.update(self._scorecard.data(reached, step))
         self.bus.emit(summary_event(step, reached, self._emitted, extra=extra))
+        if self.run_dir is not None:
+            path = self._scorecard.write(self.run_dir, reached, step)
+            logger.info("lossforecast: scorecard written to %s", path)
 
     # ------------------------------------------------------------------ helpers
     def _capture(self, n_steps: int) -> tuple[NDArray[np.float64], str | None]:

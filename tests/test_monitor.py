@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lossforecast import Event, Forecast, Forecaster, Monitor
-from lossforecast._callbacks import check_forecaster_options, forecast_metrics, never_raises
+from lossforecast._callbacks import check_forecaster_options, never_raises
 from lossforecast._monitor import join_schedule, train_loss_step
 from lossforecast.sinks import ConsoleSink, Sink
 
@@ -273,15 +273,6 @@ def test_join_schedule(saved, start, expected, noted):
     assert lr.tolist() == expected and (note is not None) == noted
 
 
-def test_forecast_metrics_names():
-    f = Forecast(9, 2.0, 1.5, 2.5, 0.8, "multi-power", 5, 0.0, 4)
-    assert forecast_metrics(f) == {
-        "lossforecast/forecast": 2.0,
-        "lossforecast/forecast_low": 1.5,
-        "lossforecast/forecast_high": 2.5,
-    }
-
-
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
@@ -309,3 +300,30 @@ def test_never_raises_logs_once_per_hook(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "lossforecast: on_step failed (KeyError: 'gone'); training goes on."
     ]
+
+
+def test_status_scorecard_and_eta_in_every_event(tmp_path):
+    sink = Collect()
+    mon = Monitor(LR, every_n_steps=4, sinks=[sink], run_dir=tmp_path)
+    assert mon.status().forecast is None and mon.status().progress == 0.0
+    for s in range(150):
+        mon.step(_loss(s))
+    _wait_for_fit(mon, 0)
+    for s in range(150, 300):
+        mon.step(_loss(s))
+    status = mon.status()
+    assert status.step == 300 and status.progress == pytest.approx(0.75)
+    assert status.forecast is not None and status.seconds_to_finish > 0
+    assert status.eta.endswith("Z") and status.warnings == 0
+    mon.emit(Event("warning", "warning", 300, "something odd"))
+    warning = mon.events[-1]
+    assert warning.data["eta"] == mon.status().eta and warning.data["progress"] == 0.75
+    assert mon.status().warnings == 1
+    mon.finish()
+
+    summary = mon.events[-1]
+    card = json.loads((tmp_path / "lossforecast_scorecard.json").read_text())
+    assert card["reached_loss"] == pytest.approx(summary.data["reached_loss"])
+    kept = {row["milestone"]: row for row in card["milestones"] if "forecast" in row}
+    assert sorted(kept) == [0.5]  # no fit before 25%; stopped at step 299 < 75% (299.25)
+    assert summary.data["scorecard/forecast_at_50pct"] == kept[0.5]["forecast"]

@@ -2,6 +2,7 @@
 
 from ._base import Sink
 from ._console import ConsoleSink
+from ._metrics import MetricsSink
 from ._sender import HttpSink
 from ._slack import SlackSink, slack_payload
 from ._tensorboard import TensorBoardSink
@@ -10,6 +11,7 @@ from ._webhook import WebhookSink, json_payload
 __all__ = [
     "ConsoleSink",
     "HttpSink",
+    "MetricsSink",
     "Sink",
     "SlackSink",
     "TensorBoardSink",

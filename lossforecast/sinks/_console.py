@@ -9,6 +9,7 @@ import sys
 import time
 
 from .._events import Event
+from .._scorecard import scorecard_rows
 from ._base import Sink
 
 __all__ = ["ConsoleSink", "render_summary"]
@@ -194,7 +195,12 @@ def _summary_rows(event: Event) -> list[tuple[str, str]]:
             rows.append(("inside the interval", "yes" if data["inside"] else "no"))
         rows.append(("forecast made at step", _fmt(data.get("observed_step"))))
         rows.append(("law", _fmt(data.get("law"))))
-    rows += [(k, _fmt(v)) for k, v in data.items() if k not in _SUMMARY_KEYS]
+    rows += scorecard_rows(data)
+    rows += [
+        (k, _fmt(v))
+        for k, v in data.items()
+        if k not in _SUMMARY_KEYS and not k.startswith("scorecard/")
+    ]
     return rows
 
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 
 from .._events import Event
+from .._scorecard import scorecard_rows
 from ._console import duration
 from ._sender import DEFAULT_KINDS, DEFAULT_MILESTONES, HttpSink
 
@@ -98,6 +99,10 @@ def slack_payload(event: Event, run_name: str | None = None) -> dict:
     ]
     if fields:
         blocks.append({"type": "section", "fields": fields[:_MAX_FIELDS]})
+    card = scorecard_rows(event.data) if event.is_summary else []
+    if card:
+        lines = "\n".join(f"{_escape(label)}: {_escape(text)}" for label, text in card)
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": lines}})
     context = f"{event.kind} · {event.severity} · step {event.step}"
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context}]})
     return {"text": f"{icon} {head} · {title}: {event.message}", "blocks": blocks}

@@ -9,14 +9,13 @@ import threading
 import time
 
 from .._backtest import Trajectory
-from .._events import Event
+from .._events import SCALAR_PREFIX, Event, EventScalars
 from ._base import Sink
 
 __all__ = ["TensorBoardSink", "LAYOUT", "TRAJECTORY_RUN"]
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "lossforecast/"
 #: Sub-folder of the run that holds one sub-run per written trajectory.
 TRAJECTORY_RUN = "lossforecast_trajectory"
 #: Custom-scalars layout, in the ``add_custom_scalars`` format of torch / tensorboardX writers.
@@ -24,34 +23,29 @@ LAYOUT = {
     "lossforecast": {
         "final loss forecast (band: interval)": [
             "Margin",
-            [PREFIX + "forecast/final_loss", PREFIX + "forecast/low", PREFIX + "forecast/high"],
+            [
+                SCALAR_PREFIX + "forecast/final_loss",
+                SCALAR_PREFIX + "forecast/low",
+                SCALAR_PREFIX + "forecast/high",
+            ],
         ],
         "predicted trajectory vs observed loss": [
             "Multiline",
-            [f"^{PREFIX}observed/smoothed_loss$", f"^{PREFIX}trajectory$"],
+            [f"^{SCALAR_PREFIX}observed/smoothed_loss$", f"^{SCALAR_PREFIX}trajectory$"],
         ],
     }
 }
-# data key -> scalar tag, for forecast events
-_FORECAST_TAGS = {
-    "final_loss": "forecast/final_loss",
-    "low": "forecast/low",
-    "high": "forecast/high",
-    "observed_loss": "observed/smoothed_loss",
-    "residual": "forecast/residual",
-}
-_SUMMARY_TAGS = {"reached_loss": "summary/reached_loss", "error": "summary/error"}
 _INSTALL = 'TensorBoardSink needs the tensorboard package: pip install "lossforecast[tensorboard]"'
 
 
 class TensorBoardSink(Sink):
     """Write forecasts to TensorBoard: scalars, a custom-scalars layout and trajectories.
 
-    Scalars (all under ``lossforecast/``, at the event's training step):
-    ``forecast/final_loss``, ``forecast/low``, ``forecast/high``, ``observed/smoothed_loss``,
-    ``forecast/residual``, every ``*_to_finish`` number of the event (e.g.
-    ``lossforecast/seconds_to_finish``), ``events/warnings`` and ``events/advice`` (running
-    counts), and ``summary/reached_loss`` / ``summary/error`` at the end. The plain scalars
+    Scalars (all under ``lossforecast/``, at the event's training step): those of
+    :class:`~lossforecast.EventScalars` (``forecast/final_loss``, ``forecast/low``,
+    ``forecast/high``, ``observed/smoothed_loss``, ``forecast/residual``, every
+    ``*_to_finish`` number and namespaced metric, ``events/warnings`` and ``events/advice``
+    running counts, and ``summary/reached_loss`` / ``summary/error`` at the end). The plain scalars
     stand alone; the custom-scalars layout (written once, with the first event) adds two charts
     in the *Custom Scalars* tab:
 
@@ -118,7 +112,7 @@ class TensorBoardSink(Sink):
         self._flush_secs = float(flush_secs)
         self._layout_written = False
         self._last_trajectory: int | None = None
-        self._counts = {"warning": 0, "advice": 0}
+        self._scalars = EventScalars()
         self._lock = threading.Lock()
 
     @property
@@ -134,8 +128,8 @@ class TensorBoardSink(Sink):
             if not self._layout_written:
                 self._layout_written = True
                 _write_layout(self.writer)
-            for tag, value in _scalars(event, self._counts):
-                self.writer.add_scalar(PREFIX + tag, value, event.step)
+            for tag, value in self._scalars(event).items():
+                self.writer.add_scalar(tag, value, event.step)
             if event.trajectory is not None and self._trajectory_due(event):
                 self._last_trajectory = event.step
                 self._write_trajectory(event.step, event.trajectory)
@@ -164,9 +158,9 @@ class TensorBoardSink(Sink):
             for s, loss, low, high in zip(
                 trajectory.steps, trajectory.loss, trajectory.low, trajectory.high, strict=True
             ):
-                sub.add_scalar(PREFIX + "trajectory", loss, s)
-                sub.add_scalar(PREFIX + "trajectory_low", low, s)
-                sub.add_scalar(PREFIX + "trajectory_high", high, s)
+                sub.add_scalar(SCALAR_PREFIX + "trajectory", loss, s)
+                sub.add_scalar(SCALAR_PREFIX + "trajectory_low", low, s)
+                sub.add_scalar(SCALAR_PREFIX + "trajectory_high", high, s)
         finally:
             sub.close()
 
@@ -183,20 +177,6 @@ class TensorBoardSink(Sink):
 
     def __repr__(self) -> str:
         return f"TensorBoardSink(log_dir={self.log_dir!r})"
-
-
-def _scalars(event: Event, counts: dict[str, int]) -> list[tuple[str, float]]:
-    """(tag without prefix, value) pairs for one event; updates the warning/advice counts."""
-    data = event.data
-    if event.kind != "forecast":
-        counts[event.kind] += 1
-        return [
-            (f"events/{'warnings' if event.kind == 'warning' else 'advice'}", counts[event.kind])
-        ]
-    tags = _SUMMARY_TAGS if event.is_summary else _FORECAST_TAGS
-    out = [(tag, data[key]) for key, tag in tags.items() if key in data]
-    out += [(key, value) for key, value in data.items() if key.endswith("_to_finish")]
-    return [(tag, float(v)) for tag, v in out if isinstance(v, (int, float))]
 
 
 def _write_layout(writer) -> None:

@@ -168,7 +168,7 @@ def test_forecasts_and_logs_on_a_real_trainer(pl, tmp_path):
     assert final.low <= final.loss <= final.high and math.isfinite(final.loss)
     if logger:
         text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-        assert "lossforecast/forecast_low" in text.splitlines()[0]
+        assert "lossforecast/forecast/low" in text.splitlines()[0]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata  # noqa: E402
 
 from lossforecast import Event  # noqa: E402
-from lossforecast.sinks import ConsoleSink, Sink, TensorBoardSink  # noqa: E402
+from lossforecast.sinks import ConsoleSink, MetricsSink, Sink, TensorBoardSink  # noqa: E402
 from lossforecast.sinks._tensorboard import TRAJECTORY_RUN  # noqa: E402
 
 STEPS = 60
@@ -153,7 +154,6 @@ def test_lightning_writes_into_the_tensorboard_logger_run_folder(tmp_path, caplo
     values = [e.value for e in acc.Scalars("lossforecast/observed/smoothed_loss")]
     np.testing.assert_allclose(values, [e.data["observed_loss"] for e in forecasts], rtol=1e-6)
     assert {"lossforecast/seconds_to_finish", "lossforecast/summary/reached_loss"} <= tags
-    assert "lossforecast/forecast" not in tags  # one place for TensorBoard: the sink
     (tensor,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
     (category,) = layout_pb2.Layout.FromString(tensor.tensor_proto.string_val[0]).category
     assert [c.title for c in category.chart] == [
@@ -164,18 +164,21 @@ def test_lightning_writes_into_the_tensorboard_logger_run_folder(tmp_path, caplo
     assert trajectories and "lossforecast/trajectory" in read(trajectories[0]).Tags()["scalars"]
     # other loggers still get the forecast through the trainer's loggers
     header = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()[0]
-    assert "lossforecast/forecast_low" in header
+    assert {"lossforecast/forecast/low", "lossforecast/seconds_to_finish"} <= set(header.split(","))
     # the live console line is rate-limited: one in this short run, then the summary
     lines = [r.getMessage() for r in caplog.records if r.name == console.__name__]
     assert sum(m.startswith("lossforecast step") for m in lines) == 1
     assert sum(m.startswith("lossforecast summary") for m in lines) == 1
 
 
-def test_lightning_default_sinks_without_tensorboard_logger_are_console_only(tmp_path, caplog):
+def test_lightning_default_sinks_without_tensorboard_logger_are_console_and_loggers(
+    tmp_path, caplog
+):
     caplog.set_level(logging.INFO, logger="lossforecast.sinks._console")
     cb = LossForecastCallback(every_n_steps=2)
-    fit(cb, logger=CSVLogger(tmp_path))
-    assert [type(s) for s in cb._monitor.bus.sinks] == [ConsoleSink]
+    trainer = fit(cb, logger=CSVLogger(tmp_path))
+    assert [type(s) for s in cb._monitor.bus.sinks] == [ConsoleSink, MetricsSink]
+    assert (Path(trainer.log_dir) / "lossforecast_scorecard.json").is_file()
     check_events(cb.events)
     # not a terminal: no live lines, only the end-of-training summary
     lines = [r.getMessage() for r in caplog.records if r.name == "lossforecast.sinks._console"]
@@ -206,7 +209,8 @@ def test_sinks_must_have_write():
 
 
 # ---------------------------------------------------------------------------- Hugging Face
-def test_hf_report_to_tensorboard_gets_the_lossforecast_scalars(tmp_path):
+def hf_train(tmp_path, report_to: str | list[str], **options):
+    """A 40-step GPT-2 run of a real HF Trainer with the callback; returns (callback, trainer)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from lossforecast.integrations.transformers import LossForecastCallback as HFCallback
@@ -234,12 +238,12 @@ def test_hf_report_to_tensorboard_gets_the_lossforecast_scalars(tmp_path):
         lr_scheduler_type="cosine",
         logging_steps=2,
         save_strategy="no",
-        report_to="tensorboard",
+        report_to=report_to,
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
     )
-    cb = HFCallback()
+    cb = HFCallback(**options)
     trainer = transformers.Trainer(
         model=transformers.GPT2LMHeadModel(config),
         args=args,
@@ -247,13 +251,99 @@ def test_hf_report_to_tensorboard_gets_the_lossforecast_scalars(tmp_path):
         callbacks=[cb, Wait(cb)],
     )
     trainer.train()
-
     check_events(cb.events, total=40)
+    card = json.loads((tmp_path / "lossforecast_scorecard.json").read_text())  # output_dir
+    assert card["reached_loss"] == pytest.approx(cb.events[-1].data["reached_loss"])
+    assert cb.status().progress == 1.0 and cb.status().forecast is not None
+    return cb, trainer
+
+
+def test_hf_report_to_tensorboard_gets_the_lossforecast_scalars(tmp_path):
+    hf_train(tmp_path, "tensorboard")
     (run,) = (tmp_path / "runs").iterdir()  # HF's own run folder, shared
     tags = set(read(run).Tags()["scalars"])
     assert {"train/loss", "lossforecast/forecast/final_loss", "lossforecast/forecast/high"} <= tags
     assert "lossforecast/summary/reached_loss" in tags
+    assert not any(t.startswith("train/lossforecast") for t in tags)  # one place: the sink
     assert (run / TRAJECTORY_RUN).is_dir()
+
+
+# ---------------------------------------------------------------------------- other trackers
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A local MLflow file store, set as the tracking URI (HF's reporter reads the variable)."""
+    pytest.importorskip("mlflow")
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("HF_MLFLOW_LOG_ARTIFACTS", "0")
+    return uri
+
+
+def mlflow_metrics(tracking_uri: str) -> dict[str, list]:
+    """Metric name -> history of the single MLflow run in a local file store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return {name: client.get_metric_history(run.info.run_id, name) for name in run.data.metrics}
+
+
+def test_hf_report_to_mlflow_gets_the_forecasts(tmp_path, mlflow_uri):
+    cb, _ = hf_train(tmp_path, "mlflow")
+    metrics = mlflow_metrics(mlflow_uri)
+    forecasts = [e for e in cb.events if e.kind == "forecast" and not e.is_summary]
+    logged = metrics["lossforecast/forecast/final_loss"]
+    assert len(logged) == len(forecasts)  # the reporter ran before the callback: told directly
+    np.testing.assert_allclose(
+        [m.value for m in logged], [e.data["final_loss"] for e in forecasts], rtol=1e-6
+    )
+    assert {"lossforecast/summary/reached_loss", "lossforecast/seconds_to_finish"} <= set(metrics)
+    assert "loss" in metrics  # the Trainer's own metrics are still there
+
+
+def test_hf_log_to_loggers_false_keeps_reporters_clean(tmp_path, mlflow_uri):
+    _, trainer = hf_train(tmp_path, "mlflow", log_to_loggers=False)
+    assert not [m for m in mlflow_metrics(mlflow_uri) if m.startswith("lossforecast/")]
+    assert not any("lossforecast/forecast/final_loss" in h for h in trainer.state.log_history)
+
+
+def test_lightning_mlflow_logger_gets_the_forecasts(mlflow_uri):
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    cb = LossForecastCallback(every_n_steps=2)
+    fit(cb, logger=MLFlowLogger(tracking_uri=mlflow_uri))
+    forecasts = check_events(cb.events)
+    metrics = mlflow_metrics(mlflow_uri)
+    logged = metrics["lossforecast/forecast/final_loss"]
+    np.testing.assert_allclose(
+        [m.value for m in logged], [e.data["final_loss"] for e in forecasts], rtol=1e-6
+    )
+    assert "lossforecast/summary/reached_loss" in metrics
+
+
+def test_lightning_wandb_offline_gets_the_forecasts(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cb = LossForecastCallback(every_n_steps=2)
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lossforecast-test")
+    try:
+        fit(cb, logger=logger)
+        summary = logger.experiment.summary._as_dict()  # the last value logged per key
+        forecasts = check_events(cb.events)
+        assert summary["lossforecast/summary/reached_loss"] == pytest.approx(
+            cb.events[-1].data["reached_loss"]
+        )
+        assert summary["lossforecast/forecast/final_loss"] == pytest.approx(
+            forecasts[-1].data["final_loss"]
+        )
+    finally:
+        logger.experiment.finish()
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
 
 
 # ---------------------------------------------------------------------------- defaults

@@ -115,8 +115,8 @@ def test_forecasts_on_a_real_trainer(tmp_path):
     assert fc.last_step == (2 * STEPS - 2 - 3) // 2
     final = fc.forecast()
     assert final.step == STEPS - 1 and final.low <= final.loss <= final.high
-    logged = [h for h in trainer.state.log_history if "lossforecast/forecast" in h]
-    assert logged and all(math.isfinite(h["lossforecast/forecast_high"]) for h in logged)
+    logged = [h for h in trainer.state.log_history if "lossforecast/forecast/final_loss" in h]
+    assert logged and all(math.isfinite(h["lossforecast/forecast/high"]) for h in logged)
 
 
 def test_eval_metric_is_forecast(tmp_path):

@@ -182,3 +182,11 @@ def test_runs_on_the_bus_with_every_event(caplog, events):
     bus.close()
     assert bus.disabled == []
     assert len(lines(caplog)) == len(events)
+
+
+def test_summary_table_has_one_row_per_scorecard_milestone():
+    card = {"scorecard/step_at_50pct": 500, "scorecard/forecast_at_50pct": 3.1}
+    card.update({"scorecard/low_at_50pct": 3.0, "scorecard/high_at_50pct": 3.2})
+    text = render_summary(summary_event(999, 3.05, extra=card), ascii=True)
+    assert "forecast at 50% (step 500)" in text and "3.1000 [3.0000, 3.2000]" in text
+    assert "scorecard/" not in text

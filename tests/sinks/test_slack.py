@@ -113,3 +113,18 @@ def test_icons_and_titles(event, icon, title):
 def test_no_fields_block_without_numbers():
     body = slack_payload(Event("advice", "info", 7, "extend the run"))
     assert [b["type"] for b in body["blocks"]] == ["section", "context"]
+
+
+def test_summary_shows_the_scorecard():
+    card = {
+        "scorecard/step_at_25pct": 250,
+        "scorecard/forecast_at_25pct": 2.95,
+        "scorecard/low_at_25pct": 2.9,
+        "scorecard/high_at_25pct": 3.0,
+        "scorecard/error_at_25pct": -0.0167,
+    }
+    body = slack_payload(summary_event(999, 3.0, extra=card))
+    (text,) = [
+        b["text"]["text"] for b in body["blocks"] if "scorecard" in str(b) or "25%" in str(b)
+    ]
+    assert text == "forecast at 25% (step 250): 2.9500 [2.9000, 3.0000] -1.67%"
