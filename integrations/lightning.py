@@ -161,8 +161,23 @@ class LossForecastCallback(MonitorAccess, _Callback):
                     *_logger_sinks(trainer, self.log_to_loggers),
                 ],
                 run_dir=trainer.log_dir or trainer.default_root_dir,
-                **self._options,
+                **{
+                    **_compute_options(trainer, pl_module),
+                    **self._options,
+                },  # the user's options win
             )
+
+    @never_raises
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """On the first batch, count the FLOPs of a training step (once)."""
+        monitor = self._monitor
+        if monitor is None or self._flops_counted or monitor.compute.flops_per_step is not None:
+            return
+        self._flops_counted = True
+        scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        _count_flops(monitor, pl_module, batch, scale)
 
     @never_raises
     def on_train_batch_end(
@@ -183,6 +198,8 @@ class LossForecastCallback(MonitorAccess, _Callback):
         if step == self._last_step:
             return  # still accumulating gradients
         self._last_step = step
+        if self._monitor is not None:
+            self._monitor.tick(step)
         if step % self._every and step != self._total:
             return
         total, count = self._window.take_sum()
@@ -240,6 +257,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
         self._window = LossWindow()
         self._window_start = self._last_step = start
         self._last_eval_step = -1
+        self._flops_counted = False
         self._every = every
         self._total = total
 
@@ -257,6 +275,50 @@ class LossForecastCallback(MonitorAccess, _Callback):
 def _is_tensorboard(lg: Any) -> bool:
     """Whether a logger is a ``TensorBoardLogger`` (of either Lightning namespace)."""
     return any(c.__name__ == "TensorBoardLogger" for c in type(lg).__mro__)
+
+
+def _compute_options(trainer: Any, pl_module: Any) -> dict[str, Any]:
+    """Monitor options for throughput, MFU and energy: device, its peak FLOP/s, world size."""
+    from .flops import cuda_device_ids, device_peak_flops
+
+    precision = str(trainer.precision)
+    dtype = "bf16" if "bf16" in precision else "fp16" if precision.startswith("16") else None
+    device = pl_module.device
+    if dtype is None:
+        import torch
+
+        dtype = torch.float32
+    return {
+        "cuda_devices": cuda_device_ids(device),
+        "peak_flops": device_peak_flops(device, dtype),
+        "world_size": int(trainer.world_size),
+    }
+
+
+def _count_flops(monitor: Monitor, pl_module: Any, batch: Any, scale: int) -> None:
+    """Count the FLOPs of ``pl_module(batch)`` (forward + backward) for the monitor's MFU.
+
+    Lightning leaves the forward's signature to the module: a batch that is a dict is passed
+    as keyword arguments, anything else as one argument. Where that does not fit the module,
+    one info message says how to give the figure instead.
+    """
+    from .flops import count_flops
+
+    args, kwargs = ((), dict(batch)) if isinstance(batch, Mapping) else ((batch,), {})
+    try:
+        counted = count_flops(pl_module, *args, **kwargs)
+    except Exception as exc:
+        logger.info(
+            "lossforecast: FLOPs per step not counted (%s: %s); pass flops_per_step= for MFU.",
+            type(exc).__name__,
+            exc,
+        )
+        return
+    monitor.compute.flops_per_step = counted.flops * scale
+    if counted.tokens:
+        monitor.compute.tokens_per_step = counted.tokens * scale
+    if counted.method == "estimate":
+        logger.info("lossforecast: %s", counted.note)
 
 
 def _logger_sinks(trainer: Any, enabled: bool) -> list[MetricsSink]:

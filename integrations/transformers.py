@@ -113,6 +113,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         self._reporters_before: list[Any] = []  # reporters the Trainer calls before this one
         self._last_log_step = 0
         self._last_step = -1
+        self._flos = (0, 0.0)  # (step, state.total_flos) at the last log
 
     def state(self) -> dict:
         """``ExportableState``: constructor arguments and the forecaster state, JSON-safe."""
@@ -134,6 +135,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         self._monitor = None
         start = self._last_log_step = state.global_step
         self._last_step = -1
+        self._flos = (start, state.total_flos)
         if not state.is_world_process_zero or start >= state.max_steps:
             return
         scheduler = kwargs.get("lr_scheduler")
@@ -146,7 +148,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             state=self._saved_state(state) if start > 0 else None,
             sinks=[*self._run_sinks(lambda: _tensorboard(args)), *self._logger_sinks()],
             run_dir=args.output_dir,
-            **self._options,
+            **{**_compute_options(args), **self._options},  # the user's options win
         )
 
     @never_raises
@@ -157,6 +159,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         if logs is None:
             return
         g = state.global_step
+        self._note_flops(state)
         if self.monitor in logs and self._monitor is not None:
             if self.monitor == "loss":
                 step = train_loss_step(g, g - self._last_log_step)
@@ -172,12 +175,34 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         self._flush_metrics(args, state, control, logs)
 
     @never_raises
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Note the optimizer step (step time, throughput)."""
+        if self._monitor is not None:
+            self._monitor.tick(state.global_step)
+
+    @never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Make a last fit on all the data, emit the summary and close the sinks."""
         if self._monitor is not None:
             self._monitor.finish(step=state.global_step - 1)
 
     # ------------------------------------------------------------------ helpers
+    def _note_flops(self, state: Any) -> None:
+        """FLOPs per step on this process from the Trainer's own count (``state.total_flos``).
+
+        The Trainer adds ``model.floating_point_ops`` of every batch (6 x parameters x
+        tokens, an estimate) summed over processes; the growth since the last log, per step
+        and process, is what the monitor's MFU and FLOPs-to-finish use unless
+        ``flops_per_step`` was given.
+        """
+        monitor, (step0, flos0) = self._monitor, self._flos
+        if monitor is None or state.global_step <= step0 or state.total_flos <= flos0:
+            return
+        self._flos = (state.global_step, state.total_flos)
+        if not self._options.get("flops_per_step"):
+            per_step = (state.total_flos - flos0) / (state.global_step - step0)
+            monitor.compute.flops_per_step = per_step / monitor.compute.world_size
+
     def _logger_sinks(self) -> list[MetricsSink]:
         """A sink that keeps event scalars for the next ``on_log`` (see :meth:`_flush_metrics`)."""
         self._pending = {}
@@ -218,6 +243,20 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             if isinstance(entry, dict) and entry.get("args", {}).get("monitor") == self.monitor:
                 return entry.get("attributes", {}).get("saved_state")
         return None
+
+
+def _compute_options(args: Any) -> dict[str, Any]:
+    """Monitor options for throughput, MFU and energy: device, its peak FLOP/s, world size."""
+    import torch
+
+    from .flops import cuda_device_ids, device_peak_flops
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    return {
+        "cuda_devices": cuda_device_ids(args.device),
+        "peak_flops": device_peak_flops(args.device, dtype),
+        "world_size": int(args.world_size),
+    }
 
 
 def _reporters_before(callback: Any) -> list[Any]:

@@ -4,9 +4,11 @@ The core is pure numpy/scipy; framework adapters live in ``lossforecast.integrat
 """
 
 from ._backtest import BacktestPoint, Trajectory, backtest
+from ._compute import ComputeMeter, CostForecast, cost_to_finish, peak_flops
 from ._events import Event, EventBus, EventScalars, forecast_event, summary_event
 from ._fit import FitResult, FitStatus
 from ._forecaster import Forecast, Forecaster
+from ._history import RunSummary, history_priors, load_history, write_run_summary
 from ._io import (
     Curve,
     RebuiltSchedule,
@@ -19,8 +21,10 @@ from ._io import (
 )
 from ._laws import LRAnnealingLaw, MultiPowerLaw
 from ._monitor import Monitor
+from ._power import EnergyMonitor, open_energy_monitor
 from ._priors import Priors
 from ._schedule import Schedule
+from ._status import RunStatus
 
 __all__ = [
     "BacktestPoint",
@@ -48,6 +52,17 @@ __all__ = [
     "MultiPowerLaw",
     "Priors",
     "Schedule",
+    "ComputeMeter",
+    "CostForecast",
+    "cost_to_finish",
+    "peak_flops",
+    "EnergyMonitor",
+    "open_energy_monitor",
+    "RunStatus",
+    "RunSummary",
+    "history_priors",
+    "load_history",
+    "write_run_summary",
 ]
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from ._schedule import Schedule
 from ._status import RunStatus
 from .sinks import Sink
 
-__all__ = ["MonitorAccess", "never_raises", "check_forecaster_options"]
+__all__ = ["MonitorAccess", "never_raises", "check_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +46,17 @@ def never_raises(hook: Callable[..., Any]) -> Callable[..., None]:
     return wrapper
 
 
-def check_forecaster_options(options: dict[str, Any]) -> None:
-    """Raise now, not when training starts, if ``options`` would not build a Forecaster.
+def check_options(options: dict[str, Any]) -> None:
+    """Raise now, not when training starts, if ``options`` would not build a Monitor.
 
-    ``target_step`` is checked against the schedule only once the schedule is known.
+    ``options`` are the keywords a callback passes on to :class:`Monitor` (its own options
+    such as ``target_loss`` and the :class:`~lossforecast.Forecaster` ones); ``target_step``
+    is checked against the schedule only once the schedule is known.
 
     Raises
     ------
     TypeError
-        If an option is not a :class:`~lossforecast.Forecaster` keyword.
+        If an option is not a Monitor or Forecaster keyword.
     ValueError
         If an option is out of range.
     """
@@ -64,7 +66,7 @@ def check_forecaster_options(options: dict[str, Any]) -> None:
         isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0
     ):
         raise ValueError(f"`target_step` must be a non-negative int, got {target!r}.")
-    Forecaster(np.ones(2), **probe)
+    Monitor(np.ones(2), sinks=[], **{**probe, "energy": False}).close(timeout=0.0)
 
 
 class MonitorAccess:
@@ -90,7 +92,7 @@ class MonitorAccess:
             raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}.")
         self._lr_schedule = None if lr_schedule is None else Schedule(lr_schedule).lr
         self._sinks = _checked_sinks(sinks)
-        check_forecaster_options(options)
+        check_options(options)
         self.monitor = monitor
         self._options = dict(options)
         self._monitor = None

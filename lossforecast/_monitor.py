@@ -14,8 +14,12 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._background import BackgroundFitter
+from ._compute import ComputeMeter
 from ._events import Event, EventBus, forecast_event, summary_event
 from ._forecaster import Forecast, Forecaster, schedule_from_state
+from ._history import history_dir_from_env, history_priors, load_history, write_run_summary
+from ._power import open_energy_monitor
+from ._priors import Priors
 from ._scorecard import Scorecard
 from ._status import RunStatus, eta_text
 from .sinks import ConsoleSink, Sink, TensorBoardSink
@@ -154,6 +158,35 @@ class Monitor:
     run_dir : str or os.PathLike, optional
         Folder for the files written at the end of the run (the scorecard,
         ``lossforecast_scorecard.json``); ``log_dir`` by default, none without either.
+    target_loss : float, optional
+        A loss you want to reach: forecast events then say at which step (and after how
+        much time and energy) the forecast reaches it (``cost/target_loss_step``, ...).
+    energy : bool, optional
+        Measure energy: the GPUs in ``cuda_devices`` through NVML, or on a CPU run the
+        RAPL counters where readable, sampled on a background thread every second. Where
+        nothing can be read, one info message says why and energy figures are left out.
+        Default True.
+    cuda_devices : list of int or str, optional
+        CUDA devices this process trains on (see
+        ``lossforecast.integrations.flops.cuda_device_ids``); default every visible GPU.
+    flops_per_step, tokens_per_step : float, optional
+        Model FLOPs and tokens of one optimizer step on this process (e.g. from
+        ``lossforecast.integrations.flops.count_flops``), for FLOP/s, tokens/s, MFU and
+        FLOPs to finish. Settable later on :attr:`compute`.
+    peak_flops : float, optional
+        Peak FLOP/s of this process's device, for MFU (see ``lossforecast._compute.peak_flops``).
+    world_size : int, optional
+        Processes training alike (data parallel); totals are this process's times it.
+    history_dir : str or os.PathLike, optional
+        Folder of past-run summaries (default: the ``LOSSFORECAST_HISTORY`` environment
+        variable, else none). The summaries of similar past runs (same ``labels`` first)
+        sharpen the priors before this run's own data can; at :meth:`finish` this run
+        adds its own summary. Bad files in the folder are skipped with one message.
+    labels : dict of str to str, optional
+        What this run is, e.g. ``{"model": "gpt-124m", "data": "owt"}``: runs with the same
+        labels count most as history.
+    run_name : str, optional
+        Name of the run in its summary file.
     **forecaster_options
         Passed to :class:`~lossforecast.Forecaster` (``law``, ``target_step``,
         ``coverage``, ``max_bins``, ``min_points``, ``priors``).
@@ -205,6 +238,16 @@ class Monitor:
         sinks: Iterable[Sink] | None = None,
         log_dir: str | os.PathLike | None = None,
         run_dir: str | os.PathLike | None = None,
+        target_loss: float | None = None,
+        energy: bool = True,
+        cuda_devices: list[int | str] | None = None,
+        flops_per_step: float | None = None,
+        tokens_per_step: float | None = None,
+        peak_flops: float | None = None,
+        world_size: int = 1,
+        history_dir: str | os.PathLike | None = None,
+        labels: dict[str, str] | None = None,
+        run_name: str | None = None,
         **forecaster_options: Any,
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps)
@@ -245,6 +288,10 @@ class Monitor:
             self.schedule_note = None
         self.every_n_steps = int(every_n_steps)
         self._options = dict(forecaster_options)
+        self.history_dir = history_dir if history_dir is not None else history_dir_from_env()
+        self.labels, self.run_name = labels, run_name
+        if self.history_dir is not None and self._options.get("priors") is None:
+            self._options["priors"] = self._history_priors(lr)
         self.forecaster = Forecaster(lr, **self._options)
         self._fitter = BackgroundFitter(self.forecaster)
         self._updates = 0
@@ -262,6 +309,23 @@ class Monitor:
         self.bus = EventBus(default_sinks(log_dir=log_dir) if sinks is None else sinks)
         self.run_dir = run_dir if run_dir is not None else log_dir
         self._scorecard = Scorecard(self.forecaster.schedule.total_steps)
+        if target_loss is not None and not (
+            isinstance(target_loss, (int, float)) and math.isfinite(target_loss)
+        ):
+            raise ValueError(f"`target_loss` must be a finite number, got {target_loss!r}.")
+        self.target_loss = target_loss
+        self.compute = ComputeMeter(
+            flops_per_step=flops_per_step,
+            tokens_per_step=tokens_per_step,
+            peak_flops=peak_flops,
+            world_size=world_size,
+        )
+        if energy:
+            self.compute.energy = self._guard(
+                "start energy measurement", open_energy_monitor, cuda_devices
+            )
+            if self.compute.energy is _FAILED:
+                self.compute.energy = None
 
     @classmethod
     def for_run(
@@ -319,6 +383,7 @@ class Monitor:
         window).
         """
         self._updates += 1
+        self.tick(self._updates)
         self._guard("record the loss", self._window.add, loss)
         total = self.forecaster.schedule.total_steps
         if self._updates % self.every_n_steps and self._updates != total:
@@ -328,6 +393,14 @@ class Monitor:
         self._window_start = self._updates
         if mean is not None and mean is not _FAILED:
             self.observe(train_loss_step(self._updates, window), mean)
+
+    def tick(self, updates: int) -> None:
+        """Note that ``updates`` optimizer steps are done (O(1); for step time and throughput).
+
+        :meth:`step` calls it; framework callbacks call it after every optimizer step.
+        """
+        self._updates = max(self._updates, int(updates))
+        self.compute.record_step(self._updates)
 
     def observe(self, step: int, loss: float) -> Forecast | None:
         """Record ``loss`` at schedule ``step`` and ask for a background refit (never raises).
@@ -376,7 +449,10 @@ class Monitor:
     def status(self) -> RunStatus:
         """Where the run stands: progress, latest forecast, time (and cost) to finish."""
         total = self.forecaster.schedule.total_steps
-        seconds = self._seconds_to_finish(total)
+        cost = self._cost()
+        seconds = cost.pop("seconds_to_finish", None)
+        if seconds is None:
+            seconds = self._seconds_to_finish(total)
         counts = {"warning": 0}
         advice = []
         for e in self.bus.events:
@@ -391,6 +467,7 @@ class Monitor:
             forecast=self._emitted,
             seconds_to_finish=seconds,
             eta=None if seconds is None else eta_text(seconds, time.time()),
+            cost=cost,
             warnings=counts["warning"],
             advice=tuple(advice),
         )
@@ -423,6 +500,7 @@ class Monitor:
         if step is not None:
             self._updates = max(self._updates, int(step) + 1)
         self._fitter.close(timeout)
+        self._stop_energy()
         if self._fitter.n_errors:
             final = self.forecast()
         else:
@@ -440,6 +518,7 @@ class Monitor:
         Waits at most ``timeout`` seconds for each; True if the fitting thread stopped.
         """
         stopped = self._fitter.close(timeout)
+        self._stop_energy()
         self._finished = True
         self.bus.close(timeout)
         return stopped
@@ -533,6 +612,15 @@ class Monitor:
         at = np.searchsorted(steps, extra_steps)
         return level, residual, (loss[at], low[at], high[at])
 
+    def _cost(self) -> dict[str, float | int]:
+        """Throughput, energy and what finishing costs, from the latest fit (never fits)."""
+        out: dict[str, float | int] = dict(self.compute.metrics())
+        if self._recent and self._emitted is not None:
+            step = self._recent[-1][1]
+            cost = self.compute.cost_to_finish(self.forecaster, step, target_loss=self.target_loss)
+            out.update(cost.data())
+        return out
+
     def _seconds_to_finish(self, total: int) -> float | None:
         """Time left at the mean step rate since the first observation (None until known)."""
         if self._first_seen is None or not self._recent:
@@ -560,8 +648,44 @@ class Monitor:
         if self.run_dir is not None:
             path = self._scorecard.write(self.run_dir, reached, step)
             logger.info("lossforecast: scorecard written to %s", path)
+        if self.history_dir is not None:
+            self._guard("write the run summary", self._write_history, reached)
 
     # ------------------------------------------------------------------ helpers
+    def _history_priors(self, lr: ArrayLike) -> Priors | None:
+        """The shipped priors sharpened by the past runs in :attr:`history_dir` (None: shipped)."""
+        summaries = load_history(self.history_dir)
+        if not summaries:
+            return None
+        law = self._options.get("law", "multi-power")
+        priors = self._guard(
+            "learn from past runs",
+            history_priors,
+            Priors.default(),
+            summaries,
+            law=law,
+            labels=self.labels,
+            schedule=lr,
+        )
+        if priors is _FAILED:
+            return None
+        logger.info("lossforecast: priors sharpened by %d past runs.", len(summaries))
+        return priors
+
+    def _write_history(self, reached: float) -> None:
+        """Add this run's summary to :attr:`history_dir` (one more fit, under a second)."""
+        write_run_summary(
+            self.history_dir,
+            self.forecaster,
+            final_loss=reached,
+            labels=self.labels,
+            run_name=self.run_name,
+        )
+
+    def _stop_energy(self) -> None:
+        if self.compute.energy is not None:
+            self._guard("stop energy measurement", self.compute.energy.close)
+
     def _capture(self, n_steps: int) -> tuple[NDArray[np.float64], str | None]:
         from lossforecast.integrations._schedule_capture import capture_schedule  # needs torch
 

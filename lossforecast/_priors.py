@@ -7,7 +7,7 @@ in ``shared/data``; :class:`Priors` reads it or any file of the same shape.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -118,6 +118,15 @@ class Priors:
             for name, c in d["calibration"].items()
         }
         return cls(laws, cal, d.get("provenance", ""), dict(d.get("extra", {})))
+
+    def with_law(
+        self, name: str, law: LawPrior, *, calibration: Calibration | None = None
+    ) -> Priors:
+        """A copy with the prior of law ``name`` (and optionally its calibration) replaced."""
+        if name not in self.laws:
+            raise ValueError(f"`name` must be one of {sorted(self.laws)}, got {name!r}.")
+        cal = self.calibration if calibration is None else {**self.calibration, name: calibration}
+        return replace(self, laws={**self.laws, name: law}, calibration=cal)
 
     def to_dict(self) -> dict:
         return {

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from lossforecast import Event, Forecast, Forecaster, Monitor
-from lossforecast._callbacks import check_forecaster_options, never_raises
+from lossforecast import Event, Forecast, Forecaster, Monitor, Priors
+from lossforecast._callbacks import check_options, never_raises
 from lossforecast._monitor import join_schedule, train_loss_step
 from lossforecast.sinks import ConsoleSink, Sink
 
@@ -280,11 +280,13 @@ def test_join_schedule(saved, start, expected, noted):
         ({"target_step": -2}, ValueError, "`target_step`"),
         ({"target_step": True}, ValueError, "`target_step`"),
         ({"horizon": 3}, TypeError, "horizon"),
+        ({"target_loss": "low"}, ValueError, "`target_loss`"),
+        ({"peak_flops": -1.0}, ValueError, "peak_flops"),
     ],
 )
-def test_check_forecaster_options(options, error, match):
+def test_check_options(options, error, match):
     with pytest.raises(error, match=match):
-        check_forecaster_options(options)
+        check_options(options)
 
 
 def test_never_raises_logs_once_per_hook(caplog):
@@ -327,3 +329,76 @@ def test_status_scorecard_and_eta_in_every_event(tmp_path):
     kept = {row["milestone"]: row for row in card["milestones"] if "forecast" in row}
     assert sorted(kept) == [0.5]  # no fit before 25%; stopped at step 299 < 75% (299.25)
     assert summary.data["scorecard/forecast_at_50pct"] == kept[0.5]["forecast"]
+
+
+class ConstantPower:
+    """Stands in for an EnergyMonitor (no GPU or RAPL counter on the test machines)."""
+
+    def __init__(self, watts: float) -> None:
+        self._watts, self._t0, self.closed = watts, time.monotonic(), False
+
+    def joules(self) -> float:
+        return self._watts * (time.monotonic() - self._t0)
+
+    def watts(self) -> float:
+        return self._watts
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_forecast_events_carry_throughput_energy_and_cost_to_finish(caplog):
+    caplog.set_level("INFO", logger="lossforecast")
+    mon = Monitor(
+        LR, every_n_steps=4, sinks=[], target_loss=2.3, flops_per_step=1e9, peak_flops=1e12
+    )
+    # no GPU and no readable RAPL here: energy is off, said once
+    assert mon.compute.energy is None
+    assert len([r for r in caplog.records if "energy" in r.getMessage().lower()]) == 1
+    power = mon.compute.energy = ConstantPower(300.0)
+    for s in range(150):
+        mon.step(_loss(s))
+    _wait_for_fit(mon, 0)
+    for s in range(150, 200):
+        mon.step(_loss(s))
+        time.sleep(0.001)
+    event = [e for e in mon.events if e.kind == "forecast"][-1]
+    d = event.data
+    assert 0 < d["compute/mfu"] == pytest.approx(1e9 / d["compute/seconds_per_step"] / 1e12)
+    assert d["compute/watts"] == 300.0
+    remaining = T - 1 - event.step
+    assert d["flops_to_finish"] == pytest.approx(1e9 * remaining)
+    assert d["joules_to_finish"] == pytest.approx(300.0 * d["compute/seconds_per_step"] * remaining)
+    # the planned curve reaches 2.3 before the end: the step it does, within the plan
+    assert event.step < d["cost/target_loss_step"] < T
+    assert mon.status().cost["flops_to_finish"] > 0
+    mon.finish()
+    assert power.closed
+
+
+def test_history_dir_learns_from_the_previous_run(tmp_path, caplog):
+    caplog.set_level("INFO", logger="lossforecast")
+    (tmp_path / "notes.json").write_text("{not json")  # foreign files are skipped
+
+    def run(labels):
+        mon = Monitor(LR, every_n_steps=4, sinks=[], history_dir=tmp_path, labels=labels)
+        for s in range(T):
+            mon.step(_loss(s))
+        mon.finish()
+        return mon
+
+    first = run({"model": "tiny"})
+    assert first.forecaster.priors == Priors.default()
+    (summary,) = [p for p in tmp_path.glob("*.json") if p.name != "notes.json"]
+    assert json.loads(summary.read_text())["labels"] == {"model": "tiny"}
+    second = run({"model": "tiny"})
+    assert second.forecaster.priors != Priors.default()
+    assert any("sharpened by 1 past run" in r.getMessage() for r in caplog.records)
+    assert len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_history_dir_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOSSFORECAST_HISTORY", str(tmp_path))
+    mon = Monitor(LR, sinks=[], energy=False)
+    assert str(mon.history_dir) == str(tmp_path)
+    mon.close()
