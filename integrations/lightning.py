@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -207,6 +208,8 @@ class LossForecastCallback(MonitorAccess, _Callback):
         window = step - self._window_start
         self._window_start = step
         self._feed(trainer, train_loss_step(step, window), mean)
+        if self._options.get("auto_stop"):
+            self._stop_if_advised(trainer)
 
     @never_raises
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -266,6 +269,28 @@ class LossForecastCallback(MonitorAccess, _Callback):
             return
         self._monitor.observe(step, float(value))  # emits the events of a new fit
 
+    def _stop_if_advised(self, trainer: Any) -> None:
+        """Stop cleanly when the advice says so: save a checkpoint, then ``should_stop``.
+
+        Rank zero decides; under DDP the decision is broadcast (every rank reaches this at
+        the same window end) so all ranks save and stop together.
+        """
+        reason = None if self._monitor is None else self._monitor.stop_reason
+        if trainer.world_size > 1:
+            reason = trainer.strategy.broadcast(reason, src=0)
+        if reason is None or trainer.should_stop:
+            return
+        path = _stop_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            logger.warning(
+                "lossforecast: stopped at step %d (auto_stop), checkpoint saved to %s: %s",
+                trainer.global_step,
+                path,
+                reason,
+            )
+
     def _tell(self, key: str, message: str) -> None:
         if key not in self._told:
             self._told.add(key)
@@ -275,6 +300,14 @@ class LossForecastCallback(MonitorAccess, _Callback):
 def _is_tensorboard(lg: Any) -> bool:
     """Whether a logger is a ``TensorBoardLogger`` (of either Lightning namespace)."""
     return any(c.__name__ == "TensorBoardLogger" for c in type(lg).__mro__)
+
+
+def _stop_checkpoint_path(trainer: Any) -> str:
+    """Where ``auto_stop`` saves: the ModelCheckpoint folder, else ``<log_dir>/checkpoints``."""
+    folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+    if not folder:
+        folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+    return os.path.join(folder, f"lossforecast-stop-step={trainer.global_step}.ckpt")
 
 
 def _compute_options(trainer: Any, pl_module: Any) -> dict[str, Any]:

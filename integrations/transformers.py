@@ -122,7 +122,13 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             "lr_schedule": None if self._lr_schedule is None else self._lr_schedule.tolist(),
             "log_to_loggers": self.log_to_loggers,
         }
-        args.update({k: v for k, v in self._options.items() if k != "priors"})
+        args.update(
+            {
+                k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                for k, v in self._options.items()
+                if k != "priors"
+            }
+        )
         saved = None if self._monitor is None else self._monitor.state_dict()
         return {"args": args, "attributes": {"saved_state": saved}}
 
@@ -169,6 +175,8 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             if step > self._last_step:
                 self._last_step = step
                 self._monitor.observe(step, float(logs[self.monitor]))  # emits a new fit
+        if self._options.get("auto_stop"):
+            self._stop_if_advised(args, state, control)
         if "train_runtime" in logs and self._monitor is not None:
             # the Trainer's last log, before on_train_end: the summary goes with it
             self._monitor.finish(step=state.global_step - 1)
@@ -187,6 +195,32 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             self._monitor.finish(step=state.global_step - 1)
 
     # ------------------------------------------------------------------ helpers
+    def _stop_if_advised(self, args: Any, state: Any, control: Any) -> None:
+        """Stop cleanly when the advice says so: save a checkpoint now, then stop training.
+
+        The main process decides; with several processes the decision is broadcast (every
+        process logs at the same steps) so all of them save and stop together.
+        """
+        reason = None if self._monitor is None else self._monitor.stop_reason
+        if args.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                box = [reason]
+                dist.broadcast_object_list(box, src=0)
+                reason = box[0]
+        if reason is None or control.should_training_stop:
+            return
+        control.should_save = True  # the Trainer saves right after this log, then stops
+        control.should_training_stop = True
+        if state.is_world_process_zero:
+            logger.warning(
+                "lossforecast: stopping at step %d (auto_stop) after saving a checkpoint in %s: %s",
+                state.global_step,
+                args.output_dir,
+                reason,
+            )
+
     def _note_flops(self, state: Any) -> None:
         """FLOPs per step on this process from the Trainer's own count (``state.total_flos``).
 

@@ -3,8 +3,10 @@
 The core is pure numpy/scipy; framework adapters live in ``lossforecast.integrations``.
 """
 
+from ._advice import Advice, Advisor
 from ._backtest import BacktestPoint, Trajectory, backtest
 from ._compute import ComputeMeter, CostForecast, cost_to_finish, peak_flops
+from ._cooldown import cooldown_schedule
 from ._events import Event, EventBus, EventScalars, forecast_event, summary_event
 from ._fit import FitResult, FitStatus
 from ._forecaster import Forecast, Forecaster
@@ -63,6 +65,9 @@ __all__ = [
     "history_priors",
     "load_history",
     "write_run_summary",
+    "Advice",
+    "Advisor",
+    "cooldown_schedule",
 ]
 
 __version__ = "0.1.0"

@@ -283,12 +283,17 @@ class Forecaster:
         return self._forecast_on(self.schedule, step, coverage, refit)
 
     def what_if(
-        self, lr_schedule: ArrayLike, step: int | None = None, *, coverage: float | None = None
+        self,
+        lr_schedule: ArrayLike,
+        step: int | None = None,
+        *,
+        coverage: float | None = None,
+        refit: bool = True,
     ) -> Forecast | None:
         """Forecast for another schedule, with the parameters fitted on this run.
 
         ``lr_schedule`` must agree with the planned one on the steps observed so far; the
-        default ``step`` is its last step.
+        default ``step`` is its last step. With ``refit=False`` the latest fit is used as is.
         """
         lr = lr_schedule.lr if isinstance(lr_schedule, Schedule) else lr_schedule
         other = Schedule(lr, peak_lr=self.schedule.peak_lr)
@@ -310,7 +315,7 @@ class Forecaster:
                 )
         if step is None:
             step = other.total_steps - 1
-        return self._forecast_on(other, step, coverage, refit=True)
+        return self._forecast_on(other, step, coverage, refit=refit)
 
     def trajectory(
         self, steps: ArrayLike, *, refit: bool = True

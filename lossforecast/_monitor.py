@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ._advice import Advisor
 from ._background import BackgroundFitter
 from ._compute import ComputeMeter
 from ._events import Event, EventBus, forecast_event, summary_event
@@ -160,7 +161,19 @@ class Monitor:
         ``lossforecast_scorecard.json``); ``log_dir`` by default, none without either.
     target_loss : float, optional
         A loss you want to reach: forecast events then say at which step (and after how
-        much time and energy) the forecast reaches it (``cost/target_loss_step``, ...).
+        much time and energy) the forecast reaches it (``cost/target_loss_step``, ...), and
+        the advice says when the run will not reach it.
+    reference : float or str or os.PathLike, optional
+        Best final loss of other runs (a number, or a file or folder of past run summaries):
+        the advice says when this run will not beat it.
+    advisor : Advisor, optional
+        The early-stop advice with your own settings (``min_improvement``, cooldown shape,
+        confidence, ...); by default ``Advisor(target_loss=..., reference=...)``. After each
+        new fit its new advice goes to the sinks as ``"advice"`` events.
+    auto_stop : bool, optional
+        Act on stop-worthy advice (will not reach the target or beat the reference with the
+        advisor's confidence, diverged): :attr:`stop_reason` is set, which the callbacks
+        turn into a clean stop after a checkpoint. Default False: advice only.
     energy : bool, optional
         Measure energy: the GPUs in ``cuda_devices`` through NVML, or on a CPU run the
         RAPL counters where readable, sampled on a background thread every second. Where
@@ -245,6 +258,9 @@ class Monitor:
         tokens_per_step: float | None = None,
         peak_flops: float | None = None,
         world_size: int = 1,
+        reference: float | str | os.PathLike | None = None,
+        advisor: Advisor | None = None,
+        auto_stop: bool = False,
         history_dir: str | os.PathLike | None = None,
         labels: dict[str, str] | None = None,
         run_name: str | None = None,
@@ -314,6 +330,15 @@ class Monitor:
         ):
             raise ValueError(f"`target_loss` must be a finite number, got {target_loss!r}.")
         self.target_loss = target_loss
+        if advisor is not None and not isinstance(advisor, Advisor):
+            raise TypeError(f"`advisor` must be an Advisor, got {type(advisor).__name__}.")
+        if advisor is None:
+            advisor = Advisor(target_loss=target_loss, reference=reference)
+        elif target_loss is not None or reference is not None:
+            raise ValueError("give `target_loss` and `reference` to the `advisor`, not both.")
+        self.advisor = advisor
+        self.auto_stop = bool(auto_stop)
+        self.stop_reason: str | None = None
         self.compute = ComputeMeter(
             flops_per_step=flops_per_step,
             tokens_per_step=tokens_per_step,
@@ -470,6 +495,7 @@ class Monitor:
             cost=cost,
             warnings=counts["warning"],
             advice=tuple(advice),
+            stop_reason=self.stop_reason,
         )
 
     def emit(self, event: Event) -> None:
@@ -535,6 +561,7 @@ class Monitor:
             "version": STATE_VERSION,
             "updates": self._updates,
             "forecaster": self.forecaster.state_dict(),
+            "advisor": self.advisor.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -558,6 +585,8 @@ class Monitor:
             self.forecaster = Forecaster(lr, **self._options)
             self._fitter = BackgroundFitter(self.forecaster)
         self.forecaster.load_state_dict({**saved, "lr_schedule": self.forecaster.schedule.lr})
+        if "advisor" in state:
+            self.advisor.load_state_dict(state["advisor"])
         self._updates = self._window_start = updates
         self._window = LossWindow()
         self._latest, self._forecast_fits = None, -1
@@ -589,6 +618,7 @@ class Monitor:
         self._n_forecasts += 1
         self._scorecard.record(step, forecast)
         self.bus.emit(event)
+        self._guard("give advice", self._advise, step, event.data.get("kwh_to_finish"))
 
     def _smoothed(self, step: int, extra_steps: NDArray[np.int64]) -> tuple | None:
         """(smoothed loss at ``step``, its residual, predictions at ``extra_steps``) or None.
@@ -611,6 +641,16 @@ class Monitor:
         level = float(loss[np.searchsorted(steps, step)]) + residual
         at = np.searchsorted(steps, extra_steps)
         return level, residual, (loss[at], low[at], high[at])
+
+    def _advise(self, step: int, kwh_to_finish: float | None, diverged: str | None = None) -> None:
+        """Emit the advisor's new advice; with ``auto_stop``, keep the first reason to stop."""
+        for advice in self.advisor.advise(
+            self.forecaster, step, diverged=diverged, kwh_to_finish=kwh_to_finish
+        ):
+            self.emit(advice.to_event())
+            if advice.stop and self.auto_stop and self.stop_reason is None:
+                self.stop_reason = advice.message
+                logger.warning("lossforecast: stopping the run (auto_stop): %s", advice.message)
 
     def _cost(self) -> dict[str, float | int]:
         """Throughput, energy and what finishing costs, from the latest fit (never fits)."""

@@ -200,6 +200,28 @@ def test_a_raising_sink_never_stops_lightning_training(tmp_path, caplog):
     assert not [t for t in tags if t.startswith("lossforecast/")]
 
 
+@pytest.mark.parametrize("auto_stop", [False, True])
+def test_lightning_advice_and_auto_stop(tmp_path, auto_stop):
+    cb = LossForecastCallback(every_n_steps=2, target_loss=1e-3, auto_stop=auto_stop, sinks=[])
+    trainer = fit(cb, logger=CSVLogger(tmp_path))
+    stops = [e for e in cb.events if e.kind == "advice" and e.data["stop"] == 1]
+    assert stops and stops[0].data["advice"] == "target_unreachable"
+    assert stops[0].data["eta"] and 0 < stops[0].data["progress"] < 1
+    checkpoints = list(Path(trainer.log_dir, "checkpoints").glob("lossforecast-stop-step=*.ckpt"))
+    if auto_stop:
+        assert trainer.global_step < STEPS and cb.status().stop_reason == stops[0].message
+        assert [c.name for c in checkpoints] == [
+            f"lossforecast-stop-step={trainer.global_step}.ckpt"
+        ]
+        assert (
+            "LossForecastCallback{'monitor': 'train_loss'}"
+            in torch.load(checkpoints[0], weights_only=False)["callbacks"]
+        )
+    else:  # advice only: the run goes on
+        assert trainer.global_step == STEPS and not checkpoints
+        assert cb.status().stop_reason is None
+
+
 def test_sinks_must_have_write():
     with pytest.raises(TypeError, match="write"):
         LossForecastCallback(sinks=[object()])
@@ -209,7 +231,7 @@ def test_sinks_must_have_write():
 
 
 # ---------------------------------------------------------------------------- Hugging Face
-def hf_train(tmp_path, report_to: str | list[str], **options):
+def hf_train(tmp_path, report_to: str | list[str], *, check: bool = True, **options):
     """A 40-step GPT-2 run of a real HF Trainer with the callback; returns (callback, trainer)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -251,6 +273,8 @@ def hf_train(tmp_path, report_to: str | list[str], **options):
         callbacks=[cb, Wait(cb)],
     )
     trainer.train()
+    if not check:
+        return cb, trainer
     check_events(cb.events, total=40)
     card = json.loads((tmp_path / "lossforecast_scorecard.json").read_text())  # output_dir
     assert card["reached_loss"] == pytest.approx(cb.events[-1].data["reached_loss"])
@@ -266,6 +290,16 @@ def test_hf_report_to_tensorboard_gets_the_lossforecast_scalars(tmp_path):
     assert "lossforecast/summary/reached_loss" in tags
     assert not any(t.startswith("train/lossforecast") for t in tags)  # one place: the sink
     assert (run / TRAJECTORY_RUN).is_dir()
+
+
+def test_hf_auto_stop_saves_a_checkpoint_and_stops(tmp_path, caplog):
+    cb, trainer = hf_train(tmp_path, [], check=False, target_loss=1e-3, auto_stop=True)
+    stops = [e for e in cb.events if e.kind == "advice" and e.data["stop"] == 1]
+    assert stops and stops[0].data["advice"] == "target_unreachable"
+    assert trainer.state.global_step < 40 and cb.status().stop_reason == stops[0].message
+    (checkpoint,) = tmp_path.glob("checkpoint-*")
+    assert checkpoint.name == f"checkpoint-{trainer.state.global_step}"
+    assert any("auto_stop" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------- other trackers
