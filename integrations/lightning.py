@@ -150,6 +150,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
             )
             return
         start = trainer.global_step
+        run_dir = trainer.log_dir  # the logger's run folder (None without one); a collective
         if trainer.is_global_zero and start < total:
             self._monitor = Monitor.for_run(
                 int(total),
@@ -161,12 +162,14 @@ class LossForecastCallback(MonitorAccess, _Callback):
                     *self._run_sinks(lambda: _tensorboard(trainer)),
                     *_logger_sinks(trainer, self.log_to_loggers),
                 ],
-                run_dir=trainer.log_dir or trainer.default_root_dir,
-                **{
-                    **_compute_options(trainer, pl_module),
-                    **self._options,
-                },  # the user's options win
+                run_dir=run_dir,
+                **{**_compute_options(trainer, pl_module), **self._options},  # user's win
             )
+            if self._options.get("instability", True):
+                every = self._options.get("probe_every", 20)
+                self._monitor.attach_probes(
+                    pl_module, trainer.optimizers[0], every_n_steps=every, hook=False
+                )
 
     @never_raises
     def on_train_batch_start(
@@ -179,6 +182,12 @@ class LossForecastCallback(MonitorAccess, _Callback):
         self._flops_counted = True
         scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         _count_flops(monitor, pl_module, batch, scale)
+
+    @never_raises
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Probes: gradients (already unscaled here) and Adam's state, on sampled steps."""
+        if self._monitor is not None:
+            self._monitor.before_optimizer_step(trainer.global_step)
 
     @never_raises
     def on_train_batch_end(
@@ -200,6 +209,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
             return  # still accumulating gradients
         self._last_step = step
         if self._monitor is not None:
+            self._monitor.after_optimizer_step(step - 1)
             self._monitor.tick(step)
         if step % self._every and step != self._total:
             return
@@ -207,7 +217,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
         mean = trainer.strategy.reduce(total / count, reduce_op="mean")  # on every rank, same steps
         window = step - self._window_start
         self._window_start = step
-        self._feed(trainer, train_loss_step(step, window), mean)
+        self._feed(trainer, train_loss_step(step, window), mean, batch_idx)
         if self._options.get("auto_stop"):
             self._stop_if_advised(trainer)
 
@@ -264,10 +274,10 @@ class LossForecastCallback(MonitorAccess, _Callback):
         self._every = every
         self._total = total
 
-    def _feed(self, trainer: Any, step: int, value: Any) -> None:
+    def _feed(self, trainer: Any, step: int, value: Any, batch_idx: int | None = None) -> None:
         if self._monitor is None:
             return
-        self._monitor.observe(step, float(value))  # emits the events of a new fit
+        self._monitor.observe(step, float(value), batch_idx=batch_idx)  # events of a new fit
 
     def _stop_if_advised(self, trainer: Any) -> None:
         """Stop cleanly when the advice says so: save a checkpoint, then ``should_stop``.
@@ -325,6 +335,7 @@ def _compute_options(trainer: Any, pl_module: Any) -> dict[str, Any]:
         "cuda_devices": cuda_device_ids(device),
         "peak_flops": device_peak_flops(device, dtype),
         "world_size": int(trainer.world_size),
+        "amp": trainer,  # its precision plugin holds the loss scaler, if any
     }
 
 

@@ -154,8 +154,16 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             state=self._saved_state(state) if start > 0 else None,
             sinks=[*self._run_sinks(lambda: _tensorboard(args)), *self._logger_sinks()],
             run_dir=args.output_dir,
-            **{**_compute_options(args), **self._options},  # the user's options win
+            **{**_compute_options(args), "amp": optimizer, **self._options},  # user's win
         )
+        model = kwargs.get("model")
+        if self._options.get("instability", True) and model is not None:
+            self._monitor.attach_probes(
+                getattr(model, "module", model),
+                optimizer,
+                every_n_steps=self._options.get("probe_every", 20),
+                hook=False,
+            )
 
     @never_raises
     def on_log(
@@ -181,6 +189,25 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             # the Trainer's last log, before on_train_end: the summary goes with it
             self._monitor.finish(step=state.global_step - 1)
         self._flush_metrics(args, state, control, logs)
+
+    @never_raises
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Probes: gradients (clipped, so unscaled) and Adam's state, on sampled steps."""
+        if self._monitor is not None:
+            self._monitor.before_optimizer_step(state.global_step)
+
+    @never_raises
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Probes: the update just made; every probe metric is checked."""
+        if self._monitor is not None:
+            self._monitor.after_optimizer_step(state.global_step)
+
+    @never_raises
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Remember the checkpoint, named in roll-back advice after a spike."""
+        if self._monitor is not None and self._monitor.detector is not None:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self._monitor.detector.note_checkpoint(state.global_step, path)
 
     @never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

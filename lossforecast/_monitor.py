@@ -16,6 +16,7 @@ from numpy.typing import ArrayLike, NDArray
 from ._advice import Advisor
 from ._background import BackgroundFitter
 from ._compute import ComputeMeter
+from ._detectors import BadBatchLog, InstabilityDetector
 from ._events import Event, EventBus, forecast_event, summary_event
 from ._forecaster import Forecast, Forecaster, schedule_from_state
 from ._history import history_dir_from_env, history_priors, load_history, write_run_summary
@@ -170,6 +171,21 @@ class Monitor:
         The early-stop advice with your own settings (``min_improvement``, cooldown shape,
         confidence, ...); by default ``Advisor(target_loss=..., reference=...)``. After each
         new fit its new advice goes to the sinks as ``"advice"`` events.
+    model : torch.nn.Module, optional
+        The model, for the instability probes (max attention logit per layer, output log Z,
+        gradient, parameter and update norms, Adam's second moment; see
+        ``lossforecast.integrations.torch.Probes``), sampled every ``probe_every`` steps.
+        With ``optimizer`` too, the probes hook its ``step()`` themselves.
+    probe_every : int, optional
+        Steps between probe samples. Default 20.
+    amp : object, optional
+        Where the dynamic loss scaler is (a ``torch.amp.GradScaler``, a Lightning trainer,
+        an HF accelerator): a run of skipped steps or a collapsing scale is warned about.
+    instability : bool, optional
+        Watch for instabilities (loss spikes against the forecast, non-finite losses,
+        divergence, probe trends, stalls). Spikes and non-finite losses are also recorded
+        to ``run_dir/skip_batches.json`` in the shape of Lightning's ``SpikeDetection``.
+        Default True.
     auto_stop : bool, optional
         Act on stop-worthy advice (will not reach the target or beat the reference with the
         advisor's confidence, diverged): :attr:`stop_reason` is set, which the callbacks
@@ -261,6 +277,10 @@ class Monitor:
         reference: float | str | os.PathLike | None = None,
         advisor: Advisor | None = None,
         auto_stop: bool = False,
+        model: Any = None,
+        probe_every: int = 20,
+        amp: Any = None,
+        instability: bool = True,
         history_dir: str | os.PathLike | None = None,
         labels: dict[str, str] | None = None,
         run_name: str | None = None,
@@ -339,6 +359,20 @@ class Monitor:
         self.advisor = advisor
         self.auto_stop = bool(auto_stop)
         self.stop_reason: str | None = None
+        self.detector: InstabilityDetector | None = None
+        if instability:
+            spikes = None if self.run_dir is None else BadBatchLog(self.run_dir)
+            self.detector = InstabilityDetector(bad_batches=spikes)
+        self.probes = self._amp = None
+        self._probe_metrics: dict[str, float] = {}
+        self._last_tick: tuple[int, float] | None = None
+        self._told_diverged = False
+        if model is not None:
+            self.attach_probes(model, optimizer, every_n_steps=probe_every)
+        if amp is not None:
+            from lossforecast.integrations.torch import AmpReader  # needs torch
+
+            self._amp = AmpReader(amp)
         self.compute = ComputeMeter(
             flops_per_step=flops_per_step,
             tokens_per_step=tokens_per_step,
@@ -424,11 +458,43 @@ class Monitor:
 
         :meth:`step` calls it; framework callbacks call it after every optimizer step.
         """
-        self._updates = max(self._updates, int(updates))
+        updates = int(updates)
+        now = time.monotonic()
+        if self._last_tick is not None and updates > self._last_tick[0]:
+            seconds = (now - self._last_tick[1]) / (updates - self._last_tick[0])
+            if self.detector is not None:
+                self._warn(self.detector.observe_step_time, updates, seconds)
+        self._last_tick = (updates, now)
+        self._updates = max(self._updates, updates)
         self.compute.record_step(self._updates)
 
-    def observe(self, step: int, loss: float) -> Forecast | None:
+    def before_optimizer_step(self, step: int) -> None:
+        """Probes: read gradients and Adam's state before optimizer ``step`` (sampled steps).
+
+        Call after backward (gradients unscaled) and before ``optimizer.step()``; the
+        callbacks and a ``Monitor`` given ``model`` and ``optimizer`` do it for you.
+        """
+        if self.probes is not None:
+            self._guard("probe the gradients", self.probes.before_optimizer_step, step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Probes: read the update of optimizer ``step`` and check every probe metric."""
+        if self.probes is not None:
+            metrics = self._guard("probe the model", self.probes.after_optimizer_step, step)
+            if metrics and metrics is not _FAILED:
+                self._probe_metrics = {_probe_tag(k): v for k, v in metrics.items()}
+                if self.detector is not None:
+                    self._warn(self.detector.observe_metrics, step, metrics)
+        if self._amp is not None and self.detector is not None:
+            read = self._guard("read the loss scale", self._amp.read)
+            if read and read is not _FAILED:
+                self._warn(self.detector.observe_amp, step, *read)
+
+    def observe(self, step: int, loss: float, *, batch_idx: int | None = None) -> Forecast | None:
         """Record ``loss`` at schedule ``step`` and ask for a background refit (never raises).
+
+        The loss is also checked for spikes against the forecast, non-finite values and
+        divergence (``batch_idx``, where known, goes into the bad-batch record).
 
         Returns
         -------
@@ -442,6 +508,8 @@ class Monitor:
             return None
         self._fitter.notify()
         value = float(loss)
+        if self.detector is not None:
+            self._guard("check the loss", self._check_loss, int(step), value, batch_idx)
         now = time.monotonic()
         if self._first_seen is None:
             self._first_seen = (now, int(step))
@@ -562,6 +630,7 @@ class Monitor:
             "updates": self._updates,
             "forecaster": self.forecaster.state_dict(),
             "advisor": self.advisor.state_dict(),
+            "detector": None if self.detector is None else self.detector.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -587,6 +656,8 @@ class Monitor:
         self.forecaster.load_state_dict({**saved, "lr_schedule": self.forecaster.schedule.lr})
         if "advisor" in state:
             self.advisor.load_state_dict(state["advisor"])
+        if state.get("detector") and self.detector is not None:
+            self.detector.load_state_dict(state["detector"])
         self._updates = self._window_start = updates
         self._window = LossWindow()
         self._latest, self._forecast_fits = None, -1
@@ -601,7 +672,7 @@ class Monitor:
         step = self._recent[-1][1] if self._recent else forecast.observed_step
         future = np.unique(np.linspace(step, total - 1, _TRAJECTORY_POINTS + 1).round())
         future = future.astype(np.int64)
-        extra = self.status().data()
+        extra = {**self.status().data(), **self._probe_metrics}
         smoothed = self._smoothed(step, future)
         if smoothed is None:
             event = forecast_event(forecast, step=step, extra=extra)
@@ -641,6 +712,48 @@ class Monitor:
         level = float(loss[np.searchsorted(steps, step)]) + residual
         at = np.searchsorted(steps, extra_steps)
         return level, residual, (loss[at], low[at], high[at])
+
+    def _check_loss(self, step: int, loss: float, batch_idx: int | None) -> None:
+        """Spikes against the latest fit's prediction, non-finite losses, divergence."""
+        predicted = None
+        if self._emitted is not None and math.isfinite(loss):
+            curve = self.forecaster.trajectory([step], refit=False)
+            predicted = None if curve is None else float(curve[0][0])
+        self._warn(self.detector.observe_loss, step, loss, predicted=predicted, batch_idx=batch_idx)
+        if self.detector.diverged and not self._told_diverged:
+            self._told_diverged = True
+            reason = (
+                f"the loss diverged ({loss:.4g} at step {step}; best {self.detector.best_loss:.4g})"
+            )
+            self._advise(step, None, diverged=reason)
+
+    def _warn(self, check: Callable[..., list[Event]], *args: Any, **kwargs: Any) -> None:
+        """Emit the warnings a detector check returns (never raises)."""
+        events = self._guard("check for instabilities", check, *args, **kwargs)
+        if events and events is not _FAILED:
+            for event in events:
+                self.emit(event)
+
+    def attach_probes(
+        self, model: Any, optimizer: Any = None, *, every_n_steps: int = 20, hook: bool = True
+    ) -> None:
+        """Attach the instability probes to ``model`` (needs torch; never raises).
+
+        With ``hook`` and an ``optimizer``, its ``step()`` calls :meth:`before_optimizer_step`
+        and :meth:`after_optimizer_step` (plain loops); the callbacks call them from their
+        own hooks instead.
+        """
+        from lossforecast.integrations.torch import Probes  # needs torch
+
+        probes = self._guard(
+            "attach the probes", Probes, model, optimizer, every_n_steps=every_n_steps
+        )
+        if probes is _FAILED or self._guard("attach the probes", probes.attach) is _FAILED:
+            return
+        self.probes = probes
+        if hook and optimizer is not None:
+            optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step(self._updates))
+            optimizer.register_step_post_hook(lambda *_: self.after_optimizer_step(self._updates))
 
     def _advise(self, step: int, kwh_to_finish: float | None, diverged: str | None = None) -> None:
         """Emit the advisor's new advice; with ``auto_stop``, keep the first reason to stop."""
@@ -723,8 +836,11 @@ class Monitor:
         )
 
     def _stop_energy(self) -> None:
+        """Stop the energy sampler and detach the probes (end of the run)."""
         if self.compute.energy is not None:
             self._guard("stop energy measurement", self.compute.energy.close)
+        if self.probes is not None:
+            self._guard("detach the probes", self.probes.detach)
 
     def _capture(self, n_steps: int) -> tuple[NDArray[np.float64], str | None]:
         from lossforecast.integrations._schedule_capture import capture_schedule  # needs torch
@@ -782,6 +898,20 @@ class LossWindow:
         """Mean so far as a float (None if empty), then start over."""
         total, count = self.take_sum()
         return None if count == 0 else float(total) / count
+
+
+def _probe_tag(name: str) -> str:
+    """Event data key of a probe metric: ``probe/grad_norm``, per layer ``probe/layers/...``.
+
+    Per-layer metrics (``grad_norm/net.0``) go under their own folder so that no tag is
+    also the folder of another, which file-based trackers such as MLflow cannot store.
+
+    Examples
+    --------
+    >>> _probe_tag("grad_norm"), _probe_tag("grad_norm/net.0")
+    ('probe/grad_norm', 'probe/layers/grad_norm/net.0')
+    """
+    return f"probe/layers/{name}" if "/" in name else f"probe/{name}"
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -92,12 +92,22 @@ def _wait_for_fit(mon: Monitor, after: int) -> None:
         time.sleep(0.01)  # the fit runs in the background
 
 
+def _wait_until_fitted(mon: Monitor, through: int) -> None:
+    """Block until a background fit has used the observations up to step ``through``."""
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        f = mon.forecast()
+        if f is not None and f.observed_step >= through:
+            return
+        time.sleep(0.01)
+
+
 def test_events_go_to_the_sinks_and_finish_emits_one_summary():
     sink = Collect()
     mon = Monitor(LR, every_n_steps=4, sinks=[sink])
     for s in range(200):
         mon.step(_loss(s))
-    _wait_for_fit(mon, 0)
+    _wait_until_fitted(mon, 196)  # the window of steps 196..199 is placed at step 196
     for s in range(200, 300):
         mon.step(_loss(s))
     assert mon.finish() is not None
@@ -105,9 +115,10 @@ def test_events_go_to_the_sinks_and_finish_emits_one_summary():
 
     assert sink.seen == mon.events and mon.events[-1].is_summary
     forecasts = [e for e in mon.events if e.kind == "forecast" and not e.is_summary]
-    assert len(forecasts) == len(mon.events) - 1 >= 1
-    first = forecasts[0]
-    assert 200 <= first.step < 210  # the first observation after the fit was ready
+    assert len(forecasts) >= 1 and [e.is_summary for e in mon.events].count(True) == 1
+    assert {e.kind for e in mon.events} <= {"forecast", "warning"}  # the wait may be a stall
+    first = next(e for e in forecasts if e.step >= 200)
+    assert first.step < 210 and first.data["observed_step"] >= 196  # the fit through 200
     assert first.trajectory.steps[0] == first.step and first.trajectory.steps[-1] == T - 1
     assert len(first.trajectory.steps) == 33
     assert first.data["observed_loss"] == pytest.approx(_loss(first.step), rel=0.01)
@@ -310,17 +321,17 @@ def test_status_scorecard_and_eta_in_every_event(tmp_path):
     assert mon.status().forecast is None and mon.status().progress == 0.0
     for s in range(150):
         mon.step(_loss(s))
-    _wait_for_fit(mon, 0)
+    _wait_until_fitted(mon, 146)
     for s in range(150, 300):
         mon.step(_loss(s))
     status = mon.status()
     assert status.step == 300 and status.progress == pytest.approx(0.75)
     assert status.forecast is not None and status.seconds_to_finish > 0
-    assert status.eta.endswith("Z") and status.warnings == 0
+    assert status.eta.endswith("Z")
     mon.emit(Event("warning", "warning", 300, "something odd"))
     warning = mon.events[-1]
     assert warning.data["eta"] == mon.status().eta and warning.data["progress"] == 0.75
-    assert mon.status().warnings == 1
+    assert mon.status().warnings == status.warnings + 1  # (the test's wait may be a stall)
     mon.finish()
 
     summary = mon.events[-1]
@@ -356,13 +367,14 @@ def test_forecast_events_carry_throughput_energy_and_cost_to_finish(caplog):
     assert mon.compute.energy is None
     assert len([r for r in caplog.records if "energy" in r.getMessage().lower()]) == 1
     power = mon.compute.energy = ConstantPower(300.0)
-    for s in range(150):
+    for s in range(200):
         mon.step(_loss(s))
-    _wait_for_fit(mon, 0)
-    for s in range(150, 200):
-        mon.step(_loss(s))
-        time.sleep(0.001)
+        time.sleep(0.0005)
+    _wait_until_fitted(mon, 196)
+    for s in range(200, 204):
+        mon.step(_loss(s))  # emits the forecast of the fit through step 196
     event = [e for e in mon.events if e.kind == "forecast"][-1]
+    assert event.data["observed_step"] >= 196
     d = event.data
     assert 0 < d["compute/mfu"] == pytest.approx(1e9 / d["compute/seconds_per_step"] / 1e12)
     assert d["compute/watts"] == 300.0

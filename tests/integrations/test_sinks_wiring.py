@@ -92,7 +92,16 @@ class Tiny(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
 
 
-def fit(cb: LossForecastCallback, logger=False) -> pl.Trainer:
+class Steady(Tiny):
+    """Tiny with a lower LR: a smooth loss curve, so the forecast's interval is narrow."""
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        config["lr_scheduler"]["scheduler"].base_lrs = [0.01]
+        return config
+
+
+def fit(cb: LossForecastCallback, logger=False, module: type[Tiny] = Tiny) -> pl.Trainer:
     torch.manual_seed(0)
     trainer = pl.Trainer(
         max_steps=STEPS,
@@ -104,7 +113,7 @@ def fit(cb: LossForecastCallback, logger=False) -> pl.Trainer:
         enable_model_summary=False,
         callbacks=[cb, WaitForFits(cb)],
     )
-    trainer.fit(Tiny())
+    trainer.fit(module())
     return trainer
 
 
@@ -145,6 +154,8 @@ def test_lightning_writes_into_the_tensorboard_logger_run_folder(tmp_path, caplo
     assert trainer.global_step == STEPS
 
     forecasts = check_events(cb.events)
+    assert forecasts[-1].data["probe/grad_norm"] > 0 and forecasts[-1].data["probe/param_norm"] > 0
+    assert not [e for e in cb.events if e.kind == "warning"]  # a healthy run: no alarms
     run = Path(tb.log_dir)
     acc = read(run)
     tags = set(acc.Tags()["scalars"])
@@ -203,7 +214,7 @@ def test_a_raising_sink_never_stops_lightning_training(tmp_path, caplog):
 @pytest.mark.parametrize("auto_stop", [False, True])
 def test_lightning_advice_and_auto_stop(tmp_path, auto_stop):
     cb = LossForecastCallback(every_n_steps=2, target_loss=1e-3, auto_stop=auto_stop, sinks=[])
-    trainer = fit(cb, logger=CSVLogger(tmp_path))
+    trainer = fit(cb, logger=CSVLogger(tmp_path), module=Steady)
     stops = [e for e in cb.events if e.kind == "advice" and e.data["stop"] == 1]
     assert stops and stops[0].data["advice"] == "target_unreachable"
     assert stops[0].data["eta"] and 0 < stops[0].data["progress"] < 1
@@ -275,7 +286,11 @@ def hf_train(tmp_path, report_to: str | list[str], *, check: bool = True, **opti
     trainer.train()
     if not check:
         return cb, trainer
-    check_events(cb.events, total=40)
+    forecasts = check_events(cb.events, total=40)
+    # the probes ran on the GPT-2 (its sdpa attention and LM head found automatically)
+    probed = forecasts[-1].data
+    assert probed["probe/attn_logit_max"] > 0 and math.isfinite(probed["probe/output_logsumexp"])
+    assert probed["probe/grad_norm"] > 0 and probed["probe/update_ratio"] > 0
     card = json.loads((tmp_path / "lossforecast_scorecard.json").read_text())  # output_dir
     assert card["reached_loss"] == pytest.approx(cb.events[-1].data["reached_loss"])
     assert cb.status().progress == 1.0 and cb.status().forecast is not None
