@@ -68,8 +68,17 @@ class LossForecastCallback(MonitorAccess, _Callback):
         ...: see :class:`~lossforecast.EventScalars`) to every logger of the trainer other
         than TensorBoard's (CSV, W&B, MLflow, ...), at the trainer's ``global_step``.
         Default True.
-    **forecaster_options
-        Passed to :class:`~lossforecast.Forecaster` (``law``, ``coverage``, ...).
+    trial : optuna.trial.Trial, optional
+        Report the loss to this trial (``trial.report(loss, step)``, the planned schedule
+        stored once) and stop training when its pruner says so (use
+        ``lossforecast.integrations.optuna.ForecastPruner``); :attr:`pruned` then says so
+        and ``forecast_value(trial)`` gives the forecast to return from the objective.
+        Under DDP rank zero reports and decides.
+    **options
+        Passed to :class:`~lossforecast.Monitor`: its own options (``target_loss``,
+        ``reference``, ``advisor``, ``auto_stop``, ``history_dir``, ``labels``, ``energy``,
+        ``flops_per_step``, ``peak_flops``, ``instability``, ``probe_every``, ...) and the
+        :class:`~lossforecast.Forecaster` ones (``law``, ``coverage``, ...).
 
     Attributes
     ----------
@@ -110,6 +119,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
         every_n_steps: int | None = None,
         sinks: Any = None,
         log_to_loggers: bool = True,
+        trial: Any = None,
         **forecaster_options: Any,
     ) -> None:
         if pl is None:
@@ -124,7 +134,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
             raise ValueError(
                 f"`every_n_steps` must be a positive int or None, got {every_n_steps!r}."
             )
-        self._configure(monitor, lr_schedule, forecaster_options, sinks)
+        self._configure(monitor, lr_schedule, forecaster_options, sinks, trial)
         self.log_to_loggers = bool(log_to_loggers)
         self.every_n_steps = every_n_steps
         self._saved: dict | None = None
@@ -165,6 +175,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
                 run_dir=run_dir,
                 **{**_compute_options(trainer, pl_module), **self._options},  # user's win
             )
+            self._start_trial()
             if self._options.get("instability", True):
                 every = self._options.get("probe_every", 20)
                 self._monitor.attach_probes(
@@ -218,7 +229,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
         window = step - self._window_start
         self._window_start = step
         self._feed(trainer, train_loss_step(step, window), mean, batch_idx)
-        if self._options.get("auto_stop"):
+        if self._options.get("auto_stop") or self._trial is not None:
             self._stop_if_advised(trainer)
 
     @never_raises
@@ -278,21 +289,28 @@ class LossForecastCallback(MonitorAccess, _Callback):
         if self._monitor is None:
             return
         self._monitor.observe(step, float(value), batch_idx=batch_idx)  # events of a new fit
+        self._report_trial(step, float(value))
 
     def _stop_if_advised(self, trainer: Any) -> None:
-        """Stop cleanly when the advice says so: save a checkpoint, then ``should_stop``.
+        """Stop cleanly for ``auto_stop`` advice (after a checkpoint) or an Optuna prune.
 
         Rank zero decides; under DDP the decision is broadcast (every rank reaches this at
         the same window end) so all ranks save and stop together.
         """
-        reason = None if self._monitor is None else self._monitor.stop_reason
+        advised = None if self._monitor is None else self._monitor.stop_reason
+        decision = (advised if self._options.get("auto_stop") else None, self._prune_reason)
         if trainer.world_size > 1:
-            reason = trainer.strategy.broadcast(reason, src=0)
-        if reason is None or trainer.should_stop:
+            decision = trainer.strategy.broadcast(decision, src=0)
+        reason, self._prune_reason = decision
+        if trainer.should_stop or (reason is None and self._prune_reason is None):
+            return
+        trainer.should_stop = True
+        if reason is None:  # pruned: no checkpoint, the trial is over
+            if trainer.is_global_zero:
+                logger.info("lossforecast: %s; training stops.", self._prune_reason)
             return
         path = _stop_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
-        trainer.should_stop = True
         if trainer.is_global_zero:
             logger.warning(
                 "lossforecast: stopped at step %d (auto_stop), checkpoint saved to %s: %s",

@@ -57,8 +57,16 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         ...: see :class:`~lossforecast.EventScalars`) to the ``report_to`` reporters (W&B,
         MLflow, ...) with the next logs, and add them to ``logs`` and ``state.log_history``.
         Default True.
-    **forecaster_options
-        Passed to :class:`~lossforecast.Forecaster` (``law``, ``coverage``, ...).
+    trial : optuna.trial.Trial, optional
+        Report the logged loss to this trial (the planned schedule stored once) and stop
+        training when its pruner says so (use
+        ``lossforecast.integrations.optuna.ForecastPruner``); :attr:`pruned` then says so
+        and ``forecast_value(trial)`` gives the forecast to return from the objective.
+    **options
+        Passed to :class:`~lossforecast.Monitor`: its own options (``target_loss``,
+        ``reference``, ``advisor``, ``auto_stop``, ``history_dir``, ``labels``, ``energy``,
+        ``flops_per_step``, ``peak_flops``, ``instability``, ``probe_every``, ...) and the
+        :class:`~lossforecast.Forecaster` ones (``law``, ``coverage``, ...).
 
     Attributes
     ----------
@@ -101,13 +109,14 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         lr_schedule: Any = None,
         sinks: Any = None,
         log_to_loggers: bool = True,
+        trial: Any = None,
         **forecaster_options: Any,
     ) -> None:
         if TrainerCallback is None:
             raise ImportError(
                 'LossForecastCallback needs transformers: pip install "lossforecast[transformers]".'
             )
-        self._configure(monitor, lr_schedule, forecaster_options, sinks)
+        self._configure(monitor, lr_schedule, forecaster_options, sinks, trial)
         self.log_to_loggers = bool(log_to_loggers)
         self._pending: dict[str, float] = {}  # event scalars not yet passed to the reporters
         self._reporters_before: list[Any] = []  # reporters the Trainer calls before this one
@@ -156,6 +165,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             run_dir=args.output_dir,
             **{**_compute_options(args), "amp": optimizer, **self._options},  # user's win
         )
+        self._start_trial()
         model = kwargs.get("model")
         if self._options.get("instability", True) and model is not None:
             self._monitor.attach_probes(
@@ -183,7 +193,8 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             if step > self._last_step:
                 self._last_step = step
                 self._monitor.observe(step, float(logs[self.monitor]))  # emits a new fit
-        if self._options.get("auto_stop"):
+                self._report_trial(step, float(logs[self.monitor]))
+        if self._options.get("auto_stop") or self._trial is not None:
             self._stop_if_advised(args, state, control)
         if "train_runtime" in logs and self._monitor is not None:
             # the Trainer's last log, before on_train_end: the summary goes with it
@@ -223,23 +234,27 @@ class LossForecastCallback(MonitorAccess, *_Bases):
 
     # ------------------------------------------------------------------ helpers
     def _stop_if_advised(self, args: Any, state: Any, control: Any) -> None:
-        """Stop cleanly when the advice says so: save a checkpoint now, then stop training.
+        """Stop cleanly for ``auto_stop`` advice (saving a checkpoint first) or an Optuna prune.
 
         The main process decides; with several processes the decision is broadcast (every
         process logs at the same steps) so all of them save and stop together.
         """
-        reason = None if self._monitor is None else self._monitor.stop_reason
+        advised = None if self._monitor is None else self._monitor.stop_reason
+        decision = [advised if self._options.get("auto_stop") else None, self._prune_reason]
         if args.world_size > 1:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
-                box = [reason]
-                dist.broadcast_object_list(box, src=0)
-                reason = box[0]
-        if reason is None or control.should_training_stop:
+                dist.broadcast_object_list(decision, src=0)
+        reason, self._prune_reason = decision
+        if control.should_training_stop or (reason is None and self._prune_reason is None):
+            return
+        control.should_training_stop = True
+        if reason is None:  # pruned: no checkpoint, the trial is over
+            if state.is_world_process_zero:
+                logger.info("lossforecast: %s; training stops.", self._prune_reason)
             return
         control.should_save = True  # the Trainer saves right after this log, then stops
-        control.should_training_stop = True
         if state.is_world_process_zero:
             logger.warning(
                 "lossforecast: stopping at step %d (auto_stop) after saving a checkpoint in %s: %s",

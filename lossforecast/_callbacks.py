@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -79,6 +80,9 @@ class MonitorAccess:
 
     _monitor: Monitor | None = None
     _sinks: list[Sink] | None = None
+    _trial: Any = None
+    _reporter: Any = None
+    _prune_reason: str | None = None
 
     def _configure(
         self,
@@ -86,8 +90,12 @@ class MonitorAccess:
         lr_schedule: ArrayLike | None,
         options: dict[str, Any],
         sinks: Iterable[Sink] | None = None,
+        trial: Any = None,
     ) -> None:
         """Validate and keep the options every callback takes."""
+        if trial is not None and not callable(getattr(trial, "should_prune", None)):
+            raise TypeError(f"`trial` must be an optuna Trial, got {type(trial).__name__}.")
+        self._trial = trial
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}.")
         self._lr_schedule = None if lr_schedule is None else Schedule(lr_schedule).lr
@@ -121,6 +129,30 @@ class MonitorAccess:
     def schedule_note(self) -> str | None:
         """Why the schedule is not exactly the planned one, when it is not."""
         return None if self._monitor is None else self._monitor.schedule_note
+
+    @property
+    def pruned(self) -> bool:
+        """Whether the Optuna trial (``trial=``) was pruned and training stopped for it."""
+        return self._prune_reason is not None
+
+    def _start_trial(self) -> None:
+        """Store the planned schedule on the Optuna trial (forecasting process, run start)."""
+        self._reporter, self._prune_reason = None, None
+        if self._trial is not None and self._monitor is not None:
+            from lossforecast.integrations.optuna import TrialReporter  # needs optuna
+
+            self._reporter = TrialReporter(self._trial, self._monitor.forecaster.schedule.lr)
+
+    def _report_trial(self, step: int, loss: float) -> None:
+        """``trial.report`` the observed loss; remember why if the pruner says prune."""
+        if self._reporter is None or self._prune_reason is not None:
+            return
+        if step < 0 or not math.isfinite(loss):
+            return  # the loss before any update, or a non-finite one (the detectors see it)
+        if self._reporter.report(step, loss):
+            value = self._reporter.forecast
+            shown = "" if value is None else f" (forecast final loss {value:.4g})"
+            self._prune_reason = f"the Optuna pruner pruned trial {self._trial.number}{shown}"
 
     def forecast(self) -> Forecast | None:
         """The latest forecast from the background fit (never waits)."""

@@ -233,6 +233,32 @@ def test_lightning_advice_and_auto_stop(tmp_path, auto_stop):
         assert cb.status().stop_reason is None
 
 
+def optuna_trial_against(best: float):
+    """A fresh trial of a study whose finished trial reached ``best``, with a ForecastPruner."""
+    optuna = pytest.importorskip("optuna")
+    from lossforecast.integrations.optuna import ForecastPruner
+
+    study = optuna.create_study(pruner=ForecastPruner(min_progress=0.2))
+    study.add_trial(optuna.trial.create_trial(value=best))
+    return study, study.ask()
+
+
+@pytest.mark.parametrize(("best", "pruned"), [(1e-3, True), (10.0, False)])
+def test_lightning_trial_is_pruned_only_when_the_forecast_loses(best, pruned):
+    from lossforecast.integrations.optuna import forecast_value
+
+    study, trial = optuna_trial_against(best)
+    cb = LossForecastCallback(every_n_steps=2, trial=trial, sinks=[])
+    trainer = fit(cb, module=Steady)
+    assert cb.pruned == pruned and (trainer.global_step < STEPS) == pruned
+    assert len(study.trials[-1].intermediate_values) >= 5  # the window losses, reported
+    if pruned:
+        stored = study.trials[-1].user_attrs["lossforecast_forecast"]
+        assert forecast_value(trial) == stored > best
+    else:
+        assert forecast_value(trial) is None
+
+
 def test_sinks_must_have_write():
     with pytest.raises(TypeError, match="write"):
         LossForecastCallback(sinks=[object()])
@@ -315,6 +341,13 @@ def test_hf_auto_stop_saves_a_checkpoint_and_stops(tmp_path, caplog):
     (checkpoint,) = tmp_path.glob("checkpoint-*")
     assert checkpoint.name == f"checkpoint-{trainer.state.global_step}"
     assert any("auto_stop" in r.getMessage() for r in caplog.records)
+
+
+def test_hf_trial_is_pruned_with_its_forecast_stored(tmp_path):
+    study, trial = optuna_trial_against(1e-3)
+    cb, trainer = hf_train(tmp_path, [], check=False, trial=trial)
+    assert cb.pruned and trainer.state.global_step < 40
+    assert study.trials[-1].user_attrs["lossforecast_forecast"] > 1e-3
 
 
 # ---------------------------------------------------------------------------- other trackers
