@@ -144,7 +144,13 @@ class LossForecastCallback(MonitorAccess, _Callback):
     @property
     def state_key(self) -> str:
         """Key of this callback's state in a checkpoint; names the monitored metric."""
-        return self._generate_state_key(monitor=self.monitor)
+        key = self.__dict__.get("_state_key")
+        if key is None or key[0] != self.monitor:  # Lightning asks in every hook: cache it
+            key = self.__dict__["_state_key"] = (
+                self.monitor,
+                self._generate_state_key(monitor=self.monitor),
+            )
+        return key[1]
 
     # ------------------------------------------------------------------ hooks
     @never_raises
@@ -297,12 +303,14 @@ class LossForecastCallback(MonitorAccess, _Callback):
         Rank zero decides; under DDP the decision is broadcast (every rank reaches this at
         the same window end) so all ranks save and stop together.
         """
-        advised = None if self._monitor is None else self._monitor.stop_reason
-        decision = (advised if self._options.get("auto_stop") else None, self._prune_reason)
-        if trainer.world_size > 1:
-            decision = trainer.strategy.broadcast(decision, src=0)
-        reason, self._prune_reason = decision
-        if trainer.should_stop or (reason is None and self._prune_reason is None):
+
+        def broadcast(decision: list) -> list:
+            return (
+                trainer.strategy.broadcast(decision, src=0) if trainer.world_size > 1 else decision
+            )
+
+        reason, pruned = self._stop_decision(broadcast)
+        if trainer.should_stop or (reason is None and not pruned):
             return
         trainer.should_stop = True
         if reason is None:  # pruned: no checkpoint, the trial is over

@@ -239,15 +239,8 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         The main process decides; with several processes the decision is broadcast (every
         process logs at the same steps) so all of them save and stop together.
         """
-        advised = None if self._monitor is None else self._monitor.stop_reason
-        decision = [advised if self._options.get("auto_stop") else None, self._prune_reason]
-        if args.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.broadcast_object_list(decision, src=0)
-        reason, self._prune_reason = decision
-        if control.should_training_stop or (reason is None and self._prune_reason is None):
+        reason, pruned = self._stop_decision(lambda decision: _broadcast(decision, args))
+        if control.should_training_stop or (reason is None and not pruned):
             return
         control.should_training_stop = True
         if reason is None:  # pruned: no checkpoint, the trial is over
@@ -319,6 +312,16 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             if isinstance(entry, dict) and entry.get("args", {}).get("monitor") == self.monitor:
                 return entry.get("attributes", {}).get("saved_state")
         return None
+
+
+def _broadcast(values: list, args: Any) -> list:
+    """``values`` of the main process, on every process (as is when there is only one)."""
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(values, src=0)
+    return values
 
 
 def _compute_options(args: Any) -> dict[str, Any]:

@@ -154,6 +154,17 @@ class MonitorAccess:
             shown = "" if value is None else f" (forecast final loss {value:.4g})"
             self._prune_reason = f"the Optuna pruner pruned trial {self._trial.number}{shown}"
 
+    def _stop_decision(self, broadcast: Callable[[list], list]) -> tuple[str | None, bool]:
+        """(reason to stop for ``auto_stop`` advice or None, whether the trial was pruned).
+
+        The forecasting process decides; ``broadcast`` sends its decision to every process
+        (identity on one process) so all of them stop together.
+        """
+        advised = None if self._monitor is None else self._monitor.stop_reason
+        decision = [advised if self._options.get("auto_stop") else None, self._prune_reason]
+        reason, self._prune_reason = broadcast(decision)
+        return reason, self._prune_reason is not None
+
     def forecast(self) -> Forecast | None:
         """The latest forecast from the background fit (never waits)."""
         return None if self._monitor is None else self._monitor.forecast()

@@ -6,6 +6,7 @@ in ``shared/data``; :class:`Priors` reads it or any file of the same shape.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -49,6 +50,14 @@ class LawPrior:
         return GaussianPrior(mean, std)
 
 
+@functools.lru_cache(maxsize=256)
+def _z(levels: tuple[float, ...], z_table: tuple[float, ...], coverage: float) -> float:
+    """:meth:`Calibration.z`, cached: forecasts ask for the same few coverages again and again."""
+    gauss = norm.ppf(0.5 + np.asarray(levels) / 2.0)
+    ratio = np.interp(coverage, levels, np.asarray(z_table) / gauss)
+    return float(ratio * norm.ppf(0.5 + coverage / 2.0))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """How wide an interval must be, learned from backtests.
@@ -71,9 +80,7 @@ class Calibration:
         return float(np.exp(np.interp(p, self.progress, np.log(self.rel_std))))
 
     def z(self, coverage: float) -> float:
-        gauss = norm.ppf(0.5 + np.asarray(self.levels) / 2.0)
-        ratio = np.interp(coverage, self.levels, np.asarray(self.z_table) / gauss)
-        return float(ratio * norm.ppf(0.5 + coverage / 2.0))
+        return _z(self.levels, self.z_table, float(coverage))
 
 
 @dataclass(frozen=True)

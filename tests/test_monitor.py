@@ -321,7 +321,7 @@ def test_status_scorecard_and_eta_in_every_event(tmp_path):
     assert mon.status().forecast is None and mon.status().progress == 0.0
     for s in range(150):
         mon.step(_loss(s))
-    _wait_until_fitted(mon, 146)
+    _wait_until_fitted(mon, 144)  # the window of steps 144..147
     for s in range(150, 300):
         mon.step(_loss(s))
     status = mon.status()
