@@ -112,7 +112,9 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=300, help="steps per training run (default 300)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="ABBA repeats (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="mirrored ABCCBA repeats (default 3)"
+    )
     parser.add_argument("--every", type=int, default=10, help="callback every_n_steps (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
@@ -150,7 +152,7 @@ def main() -> None:
         f"{args.threads} torch threads. Character GPT of `examples/_chargpt.py` "
         f"(2 layers, 96 wide, 64 tokens x 32 sequences), {args.steps} steps per run, "
         f"first {WARMUP_STEPS} steps left out, "
-        f"{args.repeats} ABBA repeats, callback with `every_n_steps={args.every}` (every run with "
+        f"{args.repeats} mirrored repeats (ABCCBA), callback with `every_n_steps={args.every}` (every run with "
         "the callback ends with a background forecast).",
         "",
         "| arm | steps timed | median step (ms) | ratio to without | per-repeat ratios "
