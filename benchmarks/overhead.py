@@ -152,8 +152,9 @@ def main() -> None:
         f"{args.threads} torch threads. Character GPT of `examples/_chargpt.py` "
         f"(2 layers, 96 wide, 64 tokens x 32 sequences), {args.steps} steps per run, "
         f"first {WARMUP_STEPS} steps left out, "
-        f"{args.repeats} mirrored repeats (ABCCBA), callback with `every_n_steps={args.every}` (every run with "
-        "the callback ends with a background forecast).",
+        f"{args.repeats} mirrored repeats (ABCCBA), callback with "
+        f"`every_n_steps={args.every}` (every run with the callback ends with a background "
+        "forecast).",
         "",
         "| arm | steps timed | median step (ms) | ratio to without | per-repeat ratios "
         "| hook median / mean (us) |",
