@@ -17,7 +17,9 @@ import numpy as np
 
 from lossforecast import Monitor
 from lossforecast._callbacks import MonitorAccess, never_raises
+from lossforecast._compute import WorldEnergy
 from lossforecast._monitor import LossWindow, train_loss_step
+from lossforecast._power import open_energy_monitor
 from lossforecast.sinks import MetricsSink
 
 try:
@@ -166,6 +168,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
             )
             return
         start = trainer.global_step
+        self._open_rank_energy(trainer, pl_module)
         run_dir = trainer.log_dir  # the logger's run folder (None without one); a collective
         if trainer.is_global_zero and start < total:
             self._monitor = Monitor.for_run(
@@ -179,8 +182,14 @@ class LossForecastCallback(MonitorAccess, _Callback):
                     *_logger_sinks(trainer, self.log_to_loggers),
                 ],
                 run_dir=run_dir,
-                **{**_compute_options(trainer, pl_module), **self._options},  # user's win
+                **{
+                    **_compute_options(trainer, pl_module),
+                    **self._options,  # the user's options win
+                    **({"energy": False} if self._summing_energy else {}),  # ranks measure
+                },
             )
+            if self._summing_energy:
+                self._monitor.compute.energy = WorldEnergy()
             self._start_trial()
             if self._options.get("instability", True):
                 every = self._options.get("probe_every", 20)
@@ -232,6 +241,8 @@ class LossForecastCallback(MonitorAccess, _Callback):
             return
         total, count = self._window.take_sum()
         mean = trainer.strategy.reduce(total / count, reduce_op="mean")  # on every rank, same steps
+        if self._summing_energy:
+            self._sum_rank_energy(trainer, pl_module)
         window = step - self._window_start
         self._window_start = step
         self._feed(trainer, train_loss_step(step, window), mean, batch_idx)
@@ -259,6 +270,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
     @never_raises
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Log a last forecast from all the data, emit the summary and close the sinks."""
+        self._close_rank_energy()
         if self._monitor is None:
             return
         self._monitor.finish(step=trainer.global_step - 1)
@@ -266,6 +278,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
     @never_raises
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Stop background fitting and close the sinks without waiting long."""
+        self._close_rank_energy()
         if self._monitor is not None:
             self._monitor.close(timeout=1.0)
 
@@ -280,7 +293,38 @@ class LossForecastCallback(MonitorAccess, _Callback):
         self._saved = dict(state_dict) if state_dict else None
 
     # ------------------------------------------------------------------ helpers
+    def _open_rank_energy(self, trainer: Any, pl_module: Any) -> None:
+        """Under DDP, every rank measures its own GPU; their sums go to rank zero's monitor."""
+        self._summing_energy = trainer.world_size > 1 and self._options.get("energy", True)
+        self._rank_energy = None
+        if self._summing_energy:
+            from .flops import cuda_device_ids
+
+            self._rank_energy = open_energy_monitor(cuda_device_ids(pl_module.device))
+
+    def _sum_rank_energy(self, trainer: Any, pl_module: Any) -> None:
+        """All-reduce every rank's energy and power (one small collective per window)."""
+        import torch
+
+        energy = self._rank_energy
+        joules = energy.joules() if energy is not None else None
+        watts = energy.watts() if energy is not None else None
+        local = [joules or 0.0, watts or 0.0, float(joules is not None)]
+        total = trainer.strategy.reduce(
+            torch.tensor(local, dtype=torch.float64, device=pl_module.device), reduce_op="sum"
+        )
+        if self._monitor is not None and isinstance(self._monitor.compute.energy, WorldEnergy):
+            joules, watts, ranks = total.tolist()
+            self._monitor.compute.energy.update(joules, watts, int(ranks), trainer.world_size)
+
+    def _close_rank_energy(self) -> None:
+        if getattr(self, "_rank_energy", None) is not None:
+            self._rank_energy.close()
+            self._rank_energy = None
+
     def _reset_run(self, start: int, every: int, total: float) -> None:
+        self._summing_energy = False
+        self._close_rank_energy()
         if self._monitor is not None:
             self._monitor.close(timeout=1.0)
         self._monitor = None

@@ -189,7 +189,8 @@ class ComputeMeter:
         Steps behind the rolling rates, >= 1. Default 50.
     world_size : int, optional
         Processes running alike (data parallel), >= 1. Totals (tokens/s, FLOP/s, watts,
-        joules) are this process's times ``world_size``; MFU is the same on every rank.
+        joules) are this process's times ``world_size`` (energy not, when ``energy`` already
+        sums every rank: a :class:`WorldEnergy`); MFU is the same on every rank.
         Default 1. All-reduce the per-rank figures instead when ranks differ.
 
     Raises
@@ -272,7 +273,7 @@ class ComputeMeter:
         seconds = self.seconds_per_step
         if watts is None or seconds is None:
             return None
-        return watts * seconds * self.world_size
+        return watts * seconds * self._energy_scale
 
     def metrics(self, prefix: str = "compute/") -> dict[str, float]:
         """The current figures as a flat dict; a figure whose inputs are unknown is left out.
@@ -296,13 +297,13 @@ class ComputeMeter:
                     out["mfu"] = achieved / self.peak_flops
         watts = self._read("watts")
         if watts is not None:
-            out["watts"] = watts * self.world_size
+            out["watts"] = watts * self._energy_scale
         joules = self._read("joules")
         if joules is not None:
-            out["joules"] = joules * self.world_size
+            out["joules"] = joules * self._energy_scale
             out["kwh"] = out["joules"] / JOULES_PER_KWH
         if watts is not None and seconds is not None:
-            out["joules_per_step"] = watts * seconds * self.world_size
+            out["joules_per_step"] = watts * seconds * self._energy_scale
         return {prefix + k: float(v) for k, v in out.items()}
 
     def cost_to_finish(
@@ -318,6 +319,11 @@ class ComputeMeter:
             flops_per_step=flops,
             target_loss=target_loss,
         )
+
+    @property
+    def _energy_scale(self) -> int:
+        """``world_size`` for one process's energy; 1 for an energy that sums every rank."""
+        return 1 if getattr(self.energy, "covers_all_ranks", False) else self.world_size
 
     def _read(self, what: str) -> float | None:
         """``energy.joules()`` or ``energy.watts()`` as a finite float, else None (never raises)."""
@@ -338,6 +344,49 @@ class ComputeMeter:
             f"tokens_per_step={self.tokens_per_step}, peak_flops={self.peak_flops}, "
             f"window={self.window}, world_size={self.world_size})"
         )
+
+
+class WorldEnergy:
+    """Energy of every rank of a data-parallel job, as the framework adapter sums it.
+
+    Each rank measures its own devices (an ``EnergyMonitor``); the adapter all-reduces their
+    totals with the collectives training already runs and passes the sums to :meth:`update`
+    on the process that forecasts. A :class:`ComputeMeter` given this energy does not scale
+    it by ``world_size``.
+
+    Examples
+    --------
+    >>> energy = WorldEnergy()
+    >>> energy.update(joules=1200.0, watts=600.0, ranks=2, world_size=2)
+    >>> ComputeMeter(energy=energy, world_size=2).metrics()["compute/watts"]
+    600.0
+    """
+
+    covers_all_ranks = True
+
+    def __init__(self) -> None:
+        self._joules: float | None = None
+        self._watts: float | None = None
+        self.ranks = 0  # ranks that measured something in the last update
+
+    def update(self, joules: float, watts: float, ranks: int, world_size: int) -> None:
+        """The summed totals; ``ranks`` of ``world_size`` ranks measured (none: unknown)."""
+        self.ranks = int(ranks)
+        if ranks < 1:
+            self._joules = self._watts = None
+            return
+        self._joules, self._watts = float(joules), float(watts)
+
+    def joules(self) -> float | None:
+        """Energy of all ranks since they started measuring (None before the first sum)."""
+        return self._joules
+
+    def watts(self) -> float | None:
+        """Recent power of all ranks (None before the first sum)."""
+        return self._watts
+
+    def close(self) -> None:
+        """Nothing to release: each rank closes its own monitor."""
 
 
 def _positive_or_none(name: str, value: float | None) -> float | None:

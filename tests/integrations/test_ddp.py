@@ -1,5 +1,9 @@
 """A real 2-process DDP training (gloo, CPU): rank zero forecasts from the rank-averaged loss.
 
+Each rank also measures its "energy" from a RAPL counter of its own: no GPU or readable RAPL
+here, so each rank gets a fake powercap folder whose counter a thread advances at a fixed
+power (rank r draws 10 * (r + 1) W); rank zero must report the sum over both ranks.
+
 Run by pytest, this file starts itself as a script (``python test_ddp.py OUTDIR``); Lightning's
 DDP launcher then starts the second rank the same way.
 """
@@ -19,10 +23,45 @@ STEPS = 20
 EVERY = 2
 
 
+WATTS = (10.0, 20.0)  # fake power of rank 0 and rank 1
+
+
+def _fake_rapl(root: Path, watts: float) -> None:
+    """A powercap folder whose package counter grows at ``watts`` (advanced by a thread)."""
+    import threading
+    import time
+
+    domain = root / "intel-rapl:0"
+    domain.mkdir(parents=True)
+    (domain / "name").write_text("package-0\n")
+    (domain / "max_energy_range_uj").write_text(f"{2**40}\n")
+    counter = domain / "energy_uj"
+    counter.write_text("0\n")
+    start = time.monotonic()
+
+    def advance() -> None:
+        while True:
+            time.sleep(0.01)
+            counter.write_text(f"{int(watts * 1e6 * (time.monotonic() - start))}\n")
+
+    threading.Thread(target=advance, daemon=True).start()
+
+
 def _train(out: Path) -> None:
+    import functools
+    import time
+
     import lightning.pytorch as pl
+    import lossforecast.integrations.lightning as adapter
     import torch
     from lossforecast.integrations.lightning import LossForecastCallback
+
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rapl = out / f"powercap-rank{rank}"
+    _fake_rapl(rapl, WATTS[rank])
+    adapter.open_energy_monitor = functools.partial(
+        adapter.open_energy_monitor, interval=0.05, rapl_root=rapl
+    )
 
     class Tiny(pl.LightningModule):
         def __init__(self):
@@ -48,6 +87,11 @@ def _train(out: Path) -> None:
             return torch.utils.data.DataLoader(data, batch_size=4)
 
     torch.manual_seed(0)
+
+    class SlowSteps(pl.Callback):  # ~1.5 s of training: the energy sampler needs samples
+        def on_train_batch_end(self, *args):
+            time.sleep(0.075)
+
     cb = LossForecastCallback(every_n_steps=EVERY)
     model = Tiny()
     trainer = pl.Trainer(
@@ -59,13 +103,14 @@ def _train(out: Path) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[cb],
+        callbacks=[cb, SlowSteps()],
     )
     trainer.fit(model)
     result = {
         "rank": trainer.global_rank,
         "losses": model.losses,
         "state": None if cb.forecaster is None else cb.forecaster.state_dict()["observations"],
+        "compute": None if cb.status() is None else cb.status().cost,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
@@ -105,6 +150,9 @@ def test_ddp_forecasts_on_rank_zero_from_the_rank_averaged_loss(tmp_path):
     ]
     assert rank0["state"]["n_total"] == STEPS // EVERY - 1  # one point per window, once
     assert observed == pytest.approx(windows, rel=1e-5)
+    # energy: the sum over both ranks' counters, not rank zero's times two
+    assert rank1["compute"] is None
+    assert rank0["compute"]["compute/watts"] == pytest.approx(sum(WATTS), rel=0.25)
 
 
 if __name__ == "__main__":
