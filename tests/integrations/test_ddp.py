@@ -47,7 +47,7 @@ def _fake_rapl(root: Path, watts: float) -> None:
     threading.Thread(target=advance, daemon=True).start()
 
 
-def _train(out: Path) -> None:
+def _train(out: Path, mode: str) -> None:
     import functools
     import time
 
@@ -92,7 +92,17 @@ def _train(out: Path) -> None:
         def on_train_batch_end(self, *args):
             time.sleep(0.075)
 
-    cb = LossForecastCallback(every_n_steps=EVERY)
+    options = {}
+    if mode == "stop":  # an unreachable target: auto_stop saves a checkpoint and stops
+        options = {"target_loss": 1e-3, "auto_stop": True}
+    elif mode == "prune":  # every rank holds a trial; rank zero's pruner decides
+        import optuna
+        from lossforecast.integrations.optuna import ForecastPruner
+
+        study = optuna.create_study(pruner=ForecastPruner(min_progress=0.2))
+        study.add_trial(optuna.trial.create_trial(value=1e-3))
+        options = {"trial": study.ask()}
+    cb = LossForecastCallback(every_n_steps=EVERY, **options)
     model = Tiny()
     trainer = pl.Trainer(
         max_steps=STEPS,
@@ -100,6 +110,7 @@ def _train(out: Path) -> None:
         devices=2,
         strategy="ddp",
         logger=False,
+        default_root_dir=out,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -111,11 +122,15 @@ def _train(out: Path) -> None:
         "losses": model.losses,
         "state": None if cb.forecaster is None else cb.forecaster.state_dict()["observations"],
         "compute": None if cb.status() is None else cb.status().cost,
+        "global_step": trainer.global_step,
+        "pruned": cb.pruned,
+        "stop_reason": None if cb.status() is None else cb.status().stop_reason,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
-def test_ddp_forecasts_on_rank_zero_from_the_rank_averaged_loss(tmp_path):
+def _run_ddp(out: Path, mode: str) -> tuple[dict, dict]:
+    """Train on 2 gloo ranks in a subprocess; the two ranks' results."""
     pytest.importorskip("lightning")
     torch = pytest.importorskip("torch")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -125,7 +140,7 @@ def test_ddp_forecasts_on_rank_zero_from_the_rank_averaged_loss(tmp_path):
         port = sock.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)],
+        [sys.executable, __file__, str(out), mode],
         env=env,
         capture_output=True,
         text=True,
@@ -133,8 +148,25 @@ def test_ddp_forecasts_on_rank_zero_from_the_rank_averaged_loss(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+@pytest.mark.parametrize("mode", ["stop", "prune"])
+def test_ddp_ranks_stop_together_when_rank_zero_decides(tmp_path, mode):
+    if mode == "prune":
+        pytest.importorskip("optuna")
+    rank0, rank1 = _run_ddp(tmp_path, mode)
+    assert rank0["global_step"] == rank1["global_step"] < STEPS  # no rank left hanging
+    if mode == "stop":
+        assert rank0["stop_reason"] and rank1["stop_reason"] is None  # rank one has no monitor
+        (checkpoint,) = (tmp_path / "checkpoints").glob("lossforecast-stop-step=*.ckpt")
+        assert checkpoint.name == f"lossforecast-stop-step={rank0['global_step']}.ckpt"
+    else:
+        assert rank0["pruned"] and rank1["pruned"]  # told by the broadcast
+
+
+def test_ddp_forecasts_on_rank_zero_from_the_rank_averaged_loss(tmp_path):
+    rank0, rank1 = _run_ddp(tmp_path, "forecast")
     assert rank1["state"] is None  # only global rank zero forecasts
     assert len(rank0["losses"]) == len(rank1["losses"]) == STEPS
     assert rank0["losses"] != rank1["losses"]  # the ranks saw different data
@@ -156,4 +188,4 @@ def test_ddp_forecasts_on_rank_zero_from_the_rank_averaged_loss(tmp_path):
 
 
 if __name__ == "__main__":
-    _train(Path(sys.argv[1]))
+    _train(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "forecast")
