@@ -169,7 +169,9 @@ class LossForecastCallback(MonitorAccess, _Callback):
             return
         start = trainer.global_step
         self._open_rank_energy(trainer, pl_module)
-        run_dir = trainer.log_dir  # the logger's run folder (None without one); a collective
+        # the logger's run folder; none without a logger (log_dir would be the working
+        # folder). Reading it is a collective under DDP: every rank does.
+        run_dir = trainer.log_dir if trainer.loggers else None
         if trainer.is_global_zero and start < total:
             self._monitor = Monitor.for_run(
                 int(total),
