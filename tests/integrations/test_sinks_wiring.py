@@ -155,7 +155,8 @@ def test_lightning_writes_into_the_tensorboard_logger_run_folder(tmp_path, caplo
 
     forecasts = check_events(cb.events)
     assert forecasts[-1].data["probe/grad_norm"] > 0 and forecasts[-1].data["probe/param_norm"] > 0
-    assert not [e for e in cb.events if e.kind == "warning"]  # a healthy run: no alarms
+    # a healthy run: no alarms (but a stall, when WaitForFits holds training for a slow fit)
+    assert not [e for e in cb.events if e.kind == "warning" and "stalled" not in e.message]
     run = Path(tb.log_dir)
     acc = read(run)
     tags = set(acc.Tags()["scalars"])
