@@ -192,12 +192,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
             )
             if self._summing_energy:
                 self._monitor.compute.energy = WorldEnergy()
-            self._start_trial()
-            if self._options.get("instability", True):
-                every = self._options.get("probe_every", 20)
-                self._monitor.attach_probes(
-                    pl_module, trainer.optimizers[0], every_n_steps=every, hook=False
-                )
+            self._start_run(pl_module, trainer.optimizers[0])
 
     @never_raises
     def on_train_batch_start(

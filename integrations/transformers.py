@@ -165,15 +165,8 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             run_dir=args.output_dir,
             **{**_compute_options(args), "amp": optimizer, **self._options},  # user's win
         )
-        self._start_trial()
         model = kwargs.get("model")
-        if self._options.get("instability", True) and model is not None:
-            self._monitor.attach_probes(
-                getattr(model, "module", model),
-                optimizer,
-                every_n_steps=self._options.get("probe_every", 20),
-                hook=False,
-            )
+        self._start_run(getattr(model, "module", model), optimizer)
 
     @never_raises
     def on_log(

@@ -14,6 +14,7 @@ from numpy.typing import ArrayLike
 from ._events import Event
 from ._forecaster import Forecast, Forecaster
 from ._monitor import Monitor, _checked_sinks, default_sinks
+from ._priors import Priors
 from ._schedule import Schedule
 from ._status import RunStatus
 from .sinks import Sink
@@ -62,6 +63,7 @@ def check_options(options: dict[str, Any]) -> None:
         If an option is out of range.
     """
     probe = {k: v for k, v in options.items() if k != "target_step"}
+    probe.setdefault("priors", Priors.default())  # given priors: no history folder is read
     target = options.get("target_step")
     if target is not None and (
         isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0
@@ -135,13 +137,19 @@ class MonitorAccess:
         """Whether the Optuna trial (``trial=``) was pruned and training stopped for it."""
         return self._prune_reason is not None
 
-    def _start_trial(self) -> None:
-        """Store the planned schedule on the Optuna trial (forecasting process, run start)."""
+    def _start_run(self, model: Any, optimizer: Any) -> None:
+        """After the run's Monitor is built: store the schedule on the Optuna trial (if any)
+        and attach the instability probes (unless ``instability=False``)."""
         self._reporter, self._prune_reason = None, None
-        if self._trial is not None and self._monitor is not None:
+        if self._monitor is None:
+            return
+        if self._trial is not None:
             from lossforecast.integrations.optuna import TrialReporter  # needs optuna
 
             self._reporter = TrialReporter(self._trial, self._monitor.forecaster.schedule.lr)
+        if self._options.get("instability", True) and model is not None:
+            every = self._options.get("probe_every", 20)
+            self._monitor.attach_probes(model, optimizer, every_n_steps=every, hook=False)
 
     def _report_trial(self, step: int, loss: float) -> None:
         """``trial.report`` the observed loss; remember why if the pruner says prune."""
