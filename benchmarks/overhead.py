@@ -171,8 +171,7 @@ def main() -> None:
         f"time is the callback's per-batch hook (feeds every {args.every} steps, probe "
         "samples every 20 included); fitting runs on a background thread. On this machine "
         "there is no GPU and no readable RAPL counter, so the energy sampler is off (one "
-        "info line); one sampler pass (every second, on its own thread) measured 29 us of "
-        "bookkeeping with a stand-in source.",
+        "info line) and its cost is not measured here.",
         "",
         "| capture of a 1e6-step schedule (2 param groups) | seconds |",
         "| --- | ---: |",
