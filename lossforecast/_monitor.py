@@ -795,7 +795,8 @@ class Monitor:
         reached = (
             smoothed[0] if smoothed is not None else float(np.mean([v for *_, v in self._recent]))
         )
-        extra = {"reached_step": step, "forecasts": self._n_forecasts}
+        # the status too (time, energy, FLOPs spent and left), as every event carries it
+        extra = {**self.status().data(), "reached_step": step, "forecasts": self._n_forecasts}
         extra.update(self._scorecard.data(reached, step))
         self.bus.emit(summary_event(step, reached, self._emitted, extra=extra))
         if self.run_dir is not None:

@@ -335,6 +335,7 @@ def test_status_scorecard_and_eta_in_every_event(tmp_path):
     mon.finish()
 
     summary = mon.events[-1]
+    assert summary.is_summary and summary.data["progress"] == 0.75 and "eta" in summary.data
     card = json.loads((tmp_path / "lossforecast_scorecard.json").read_text())
     assert card["reached_loss"] == pytest.approx(summary.data["reached_loss"])
     kept = {row["milestone"]: row for row in card["milestones"] if "forecast" in row}
