@@ -352,7 +352,9 @@ class WorldEnergy:
     Each rank measures its own devices (an ``EnergyMonitor``); the adapter all-reduces their
     totals with the collectives training already runs and passes the sums to :meth:`update`
     on the process that forecasts. A :class:`ComputeMeter` given this energy does not scale
-    it by ``world_size``.
+    it by ``world_size``. Ranks that could not measure (no monitor, or no power reading yet)
+    are taken to draw what the measuring ranks draw on average, as the ranks run alike; a
+    sum that silently left them out would understate the job.
 
     Examples
     --------
@@ -360,6 +362,9 @@ class WorldEnergy:
     >>> energy.update(joules=1200.0, watts=600.0, ranks=2, world_size=2)
     >>> ComputeMeter(energy=energy, world_size=2).metrics()["compute/watts"]
     600.0
+    >>> energy.update(joules=500.0, watts=250.0, ranks=1, world_size=4)  # 3 ranks unmeasured
+    >>> energy.joules(), energy.watts(), energy.ranks
+    (2000.0, 1000.0, 1)
     """
 
     covers_all_ranks = True
@@ -369,13 +374,20 @@ class WorldEnergy:
         self._watts: float | None = None
         self.ranks = 0  # ranks that measured something in the last update
 
-    def update(self, joules: float, watts: float, ranks: int, world_size: int) -> None:
-        """The summed totals; ``ranks`` of ``world_size`` ranks measured (none: unknown)."""
+    def update(
+        self,
+        joules: float,
+        watts: float,
+        ranks: int,
+        world_size: int,
+        watt_ranks: int | None = None,
+    ) -> None:
+        """Sums over the ranks that measured: ``ranks`` gave energy, ``watt_ranks`` (default
+        ``ranks``) gave power, of ``world_size``; none gave: unknown."""
         self.ranks = int(ranks)
-        if ranks < 1:
-            self._joules = self._watts = None
-            return
-        self._joules, self._watts = float(joules), float(watts)
+        watt_ranks = self.ranks if watt_ranks is None else int(watt_ranks)
+        self._joules = float(joules) * world_size / ranks if ranks >= 1 else None
+        self._watts = float(watts) * world_size / watt_ranks if watt_ranks >= 1 else None
 
     def joules(self) -> float | None:
         """Energy of all ranks since they started measuring (None before the first sum)."""

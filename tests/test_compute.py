@@ -13,6 +13,7 @@ from lossforecast._compute import (
     PEAK_FLOPS,
     ComputeMeter,
     CostForecast,
+    WorldEnergy,
     cost_to_finish,
     device_key,
     peak_flops,
@@ -133,6 +134,20 @@ def test_meter_energy_metrics_and_world_size():
     assert meter.joules_per_step == pytest.approx(250.0)
     assert m["flops_per_second"] == pytest.approx(4 * 4e12)
     assert m["mfu"] == pytest.approx(4e12 / 1e14)  # the same on every rank
+
+
+def test_world_energy_stands_in_for_ranks_that_did_not_measure():
+    energy = WorldEnergy()
+    assert energy.joules() is None and energy.watts() is None  # before the first sum
+    energy.update(joules=900.0, watts=300.0, ranks=3, world_size=3)
+    assert (energy.joules(), energy.watts()) == (900.0, 300.0)  # every rank measured
+    # one rank has no power reading yet: its share is the others' mean, not 0 W
+    energy.update(joules=900.0, watts=200.0, ranks=3, world_size=3, watt_ranks=2)
+    assert (energy.joules(), energy.watts()) == (900.0, 300.0)
+    energy.update(joules=0.0, watts=0.0, ranks=0, world_size=3, watt_ranks=0)
+    assert energy.joules() is None and energy.watts() is None and energy.ranks == 0
+    meter = ComputeMeter(energy=energy, world_size=3)
+    assert "compute/watts" not in meter.metrics()
 
 
 def test_meter_rolls_over_its_window_and_ignores_repeated_steps():

@@ -39,10 +39,12 @@ def _fake_rapl(root: Path, watts: float) -> None:
     counter.write_text("0\n")
     start = time.monotonic()
 
-    def advance() -> None:
+    def advance() -> None:  # replaced whole, as sysfs reads are: never an empty file
         while True:
             time.sleep(0.01)
-            counter.write_text(f"{int(watts * 1e6 * (time.monotonic() - start))}\n")
+            fresh = domain / "energy_uj.new"
+            fresh.write_text(f"{int(watts * 1e6 * (time.monotonic() - start))}\n")
+            os.replace(fresh, counter)
 
     threading.Thread(target=advance, daemon=True).start()
 
