@@ -226,7 +226,7 @@ class LossForecastCallback(MonitorAccess, _Callback):
             )
             return
         scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        self._window.add(loss * scale)  # Lightning divides the returned loss by the accumulation
+        self._window.add(loss)
         step = trainer.global_step
         if step == self._last_step:
             return  # still accumulating gradients
@@ -237,7 +237,8 @@ class LossForecastCallback(MonitorAccess, _Callback):
         if step % self._every and step != self._total:
             return
         total, count = self._window.take_sum()
-        mean = trainer.strategy.reduce(total / count, reduce_op="mean")  # on every rank, same steps
+        # Lightning divides the returned loss by the accumulation: scale it back
+        mean = trainer.strategy.reduce(total * scale / count, reduce_op="mean")  # every rank
         if self._summing_energy:
             self._sum_rank_energy(trainer, pl_module)
         window = step - self._window_start
@@ -306,13 +307,15 @@ class LossForecastCallback(MonitorAccess, _Callback):
         energy = self._rank_energy
         joules = energy.joules() if energy is not None else None
         watts = energy.watts() if energy is not None else None
-        local = [joules or 0.0, watts or 0.0, float(joules is not None)]
+        local = [joules or 0.0, watts or 0.0, float(joules is not None), float(watts is not None)]
         total = trainer.strategy.reduce(
             torch.tensor(local, dtype=torch.float64, device=pl_module.device), reduce_op="sum"
         )
         if self._monitor is not None and isinstance(self._monitor.compute.energy, WorldEnergy):
-            joules, watts, ranks = total.tolist()
-            self._monitor.compute.energy.update(joules, watts, int(ranks), trainer.world_size)
+            joules, watts, ranks, watt_ranks = total.tolist()
+            self._monitor.compute.energy.update(
+                joules, watts, int(ranks), trainer.world_size, int(watt_ranks)
+            )
 
     def _close_rank_energy(self) -> None:
         if getattr(self, "_rank_energy", None) is not None:

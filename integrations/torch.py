@@ -10,7 +10,7 @@
 ``param_norm``                 global parameter norm
 ``update_ratio``               ‖Δθ‖ / ‖θ‖ of the step (and ``/{module}`` per layer)
 ``adam_v_rms_over_eps``        RMS of Adam's √v̂ over ε (gradient RMS against ε)
-``adam_v_below_eps_frac``      share of Adam's √v̂ entries below ε
+``adam_v_below_eps_frac``      share of Adam's √v̂ entries below ε (on strided samples)
 ``nonfinite_grads``            parameter tensors with a non-finite gradient
 ``nonfinite_params``           parameter tensors with a non-finite value
 =============================  ===========================================================
@@ -31,6 +31,7 @@ import logging
 import math
 import re
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -48,6 +49,7 @@ _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Probes] = weakref.WeakKeyDiction
 """Modules of attached models -> their Probes; how :func:`observe_attention` finds them."""
 
 _CHUNK = 1 << 24  # most q·kᵀ entries computed at once
+_MAX_STRETCH = 50  # the cost budget stretches the cadence at most this many times
 
 
 def observe_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, *, scale=None) -> None:
@@ -80,8 +82,11 @@ def observe_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, *, sc
     probes._guard("attention", probes._record_attention, module, q, k, scale)
 
 
-def _max_logit(q: torch.Tensor, k: torch.Tensor, scale: float | None, rows: int) -> float:
-    """max over (batch rows, heads, i, j) of scale · q_i·k_j, computed in float32 in chunks."""
+def _max_logit(q: torch.Tensor, k: torch.Tensor, scale: float | None, rows: int) -> torch.Tensor:
+    """max over (batch rows, heads, i, j) of scale · q_i·k_j, computed in float32 in chunks.
+
+    A 0-d tensor on q's device: it is read with the step's other probes in one transfer.
+    """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be (batch, heads, seq, head_dim), got {tuple(q.shape)}.")
     q, k = q[:rows].detach().float(), k[:rows].detach().float()
@@ -90,15 +95,17 @@ def _max_logit(q: torch.Tensor, k: torch.Tensor, scale: float | None, rows: int)
     if hq % hk:
         raise ValueError(f"{hq} query heads are not a multiple of {hk} key heads.")
     s = d**-0.5 if scale is None else float(scale)
-    q = q.reshape(b, hk, hq // hk * t, d)  # grouped query heads share their key head
-    per = max(1, _CHUNK // max(1, q.shape[2] * k.shape[2]))
-    best = -math.inf
+    # rows x key heads as one batch; grouped query heads share their key head
+    q = q.reshape(b * hk, hq // hk * t, d)
+    k = k.reshape(b * hk, k.shape[2], d)
+    per = max(1, _CHUNK // max(1, q.shape[1] * k.shape[1]))
     with torch.no_grad():
-        for i in range(b):
-            for h in range(0, hk, per):
-                scores = torch.matmul(q[i, h : h + per], k[i, h : h + per].transpose(-1, -2))
-                best = max(best, float(scores.amax()) * s if s > 0 else float(scores.amin()) * s)
-    return best
+        extremes = []
+        for i in range(0, b * hk, per):
+            scores = torch.matmul(q[i : i + per], k[i : i + per].transpose(-1, -2))
+            extremes.append(scores.amax() if s > 0 else scores.amin())
+        best = extremes[0] if len(extremes) == 1 else torch.stack(extremes)
+        return (best.amax() if s > 0 else best.amin()) * s
 
 
 # ---------------------------------------------------------------------------- q, k recipes
@@ -187,22 +194,68 @@ def _group(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def _norms(tensors: list[torch.Tensor]) -> list[float]:
-    """float32 L2 norm of each tensor, read back in one transfer."""
+def _norms(tensors: list[torch.Tensor], ord: float = 2) -> list[torch.Tensor]:
+    """L2 (or ``ord``) norm of each tensor as 0-d tensors on its device, without a sync."""
     if not tensors:
         return []
     try:
-        norms = torch._foreach_norm([t.detach() for t in tensors])
+        return list(torch._foreach_norm([t.detach() for t in tensors], ord))
     except Exception:  # older torch, mixed devices, odd dtypes
-        norms = [torch.linalg.vector_norm(t.detach().float()) for t in tensors]
-    device = norms[0].device
-    return torch.stack([n.float().to(device) for n in norms]).cpu().tolist()
+        return [torch.linalg.vector_norm(t.detach().float(), ord) for t in tensors]
+
+
+def _floats(tensors: list[torch.Tensor]) -> list[float]:
+    """0-d tensors as floats, read back in one transfer (the probe step's only sync)."""
+    if not tensors:
+        return []
+    try:
+        stacked = torch.stack(tensors)
+    except RuntimeError:  # tensors on several devices
+        device = tensors[0].device
+        stacked = torch.stack([t.float().to(device) for t in tensors])
+    return stacked.float().cpu().tolist()
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` (one fused call where torch has it)."""
+    try:
+        return list(torch._foreach_mul(tensors, 1.0))
+    except Exception:  # older torch, mixed devices
+        return [t.clone() for t in tensors]
+
+
+def _differences(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``a[i] - b[i]`` for every i (one fused call where torch has it)."""
+    try:
+        return list(torch._foreach_sub(a, b))
+    except Exception:  # older torch, mixed devices
+        return [x - y for x, y in zip(a, b, strict=True)]
 
 
 def _sample(t: torch.Tensor, n: int) -> torch.Tensor:
+    """About ``n`` evenly strided entries of ``t``, as a float view where possible."""
     flat = t.detach().reshape(-1)
     stride = max(1, -(-flat.numel() // n))
-    return flat[::stride].float().clone()
+    return flat[::stride].float()
+
+
+_Reading = tuple[list[torch.Tensor], Callable[[list[float]], dict[str, float]]]
+"""A probe's device scalars and how their values become metrics."""
+
+
+def _resolve(pending: list[_Reading]) -> dict[str, float]:
+    """Read every pending probe in one transfer and turn the values into metrics."""
+    values = _floats([t for tensors, _ in pending for t in tensors])
+    metrics: dict[str, float] = {}
+    start = 0
+    for tensors, finish in pending:
+        metrics.update(finish(values[start : start + len(tensors)]))
+        start += len(tensors)
+    return metrics
+
+
+def _n_nonfinite(values: list[float]) -> int:
+    return sum(not math.isfinite(v) for v in values)
 
 
 def _combine(norms: list[float], groups: list[str]) -> tuple[float, dict[str, float]]:
@@ -211,6 +264,64 @@ def _combine(norms: list[float], groups: list[str]) -> tuple[float, dict[str, fl
         total += n * n
         per[g] = per.get(g, 0.0) + n * n
     return math.sqrt(total), {g: math.sqrt(v) for g, v in per.items()}
+
+
+class _CostBudget:
+    """Stretches the probe cadence so that probing stays under a share of the training time.
+
+    A sampled step's probe work (forward hooks, gradient and parameter reads; the read-back,
+    which mostly waits for the step's own GPU work, left out) is compared with the time of a
+    training step without probing; the cadence becomes the smallest multiple of ``every``
+    that keeps their ratio under ``max_share``. The first sample, which pays one-off costs,
+    is not counted.
+    """
+
+    def __init__(self, every: int, max_share: float | None) -> None:
+        self.every, self.max_share = every, max_share
+        self.stride = every
+        self.work = 0.0  # probe seconds in the step under way
+        self._cost: float | None = None  # running mean of a sampled step's probe seconds
+        self._step: float | None = None  # running mean of a step's seconds without probing
+        self._last: tuple[int, float] | None = None
+        self._samples = 0
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.work += time.perf_counter() - start
+
+    def step_done(self, step: int, sampled: bool) -> None:
+        """Account for optimizer step ``step``; may change :attr:`stride`."""
+        now = time.perf_counter()
+        work, self.work = self.work, 0.0
+        if self._last is not None and step > self._last[0]:
+            seconds = max(now - self._last[1] - work, 0.0) / (step - self._last[0])
+            self._step = seconds if self._step is None else 0.9 * self._step + 0.1 * seconds
+        self._last = (step, now)
+        if not sampled or self.max_share is None:
+            return
+        self._samples += 1
+        if self._samples == 1:
+            return
+        self._cost = work if self._cost is None else 0.7 * self._cost + 0.3 * work
+        if not self._step:
+            return
+        need = self._cost / (self.max_share * self._step)  # steps between samples
+        stride = self.every * min(max(1, math.ceil(need / self.every)), _MAX_STRETCH)
+        if stride != self.stride:
+            log = logger.info if self.stride == self.every else logger.debug
+            log(
+                "lossforecast: probing every %d steps (a probe step takes %.2g ms, a training "
+                "step %.2g ms; probing is kept under %.0f%% of the time).",
+                stride,
+                1e3 * self._cost,
+                1e3 * self._step,
+                100 * self.max_share,
+            )
+            self.stride = stride
 
 
 class Probes:
@@ -242,6 +353,11 @@ class Probes:
         snapshot costs at most this much memory per tensor). Default 4096.
     per_layer : bool, optional
         Also report per-layer values. Default True.
+    max_overhead : float, optional
+        Keep the probes' time under this share of the training time by sampling every
+        ``k * every_n_steps`` steps instead, with the smallest whole ``k`` (up to 50) that
+        does, measured as the run goes (:attr:`cadence`). The callbacks and ``Monitor`` use
+        0.01. Default None: always every ``every_n_steps``.
 
     Examples
     --------
@@ -272,6 +388,7 @@ class Probes:
         max_rows: int = 8,
         update_sample: int = 4096,
         per_layer: bool = True,
+        max_overhead: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch nn.Module, got {type(model).__name__}.")
@@ -286,6 +403,10 @@ class Probes:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if max_overhead is not None and not (
+            isinstance(max_overhead, (int, float)) and 0.0 < max_overhead < 1.0
+        ):
+            raise ValueError(f"`max_overhead` must be in (0, 1) or None, got {max_overhead!r}.")
         if not (lm_head is None or lm_head is False or isinstance(lm_head, (str, nn.Module))):
             raise TypeError(f"`lm_head` must be a module name, a module or False, got {lm_head!r}.")
         if isinstance(lm_head, str) and lm_head not in dict(model.named_modules()):
@@ -296,13 +417,15 @@ class Probes:
         self.max_rows = max_rows
         self.update_sample = update_sample
         self.per_layer = bool(per_layer)
+        self.max_overhead = max_overhead
+        self._budget = _CostBudget(every_n_steps, max_overhead)
         self._lm_head_arg = lm_head
         self._handles: list[Any] = []
         self._layers: dict[nn.Module, str] = {}
         self._armed = True  # the first step is always sampled
-        self._attn: dict[str, float] = {}
-        self._out: dict[str, float] | None = None
-        self._pre: dict[str, float] = {}
+        self._attn: dict[str, torch.Tensor] = {}
+        self._out: dict[str, torch.Tensor] | None = None
+        self._pending: list[_Reading] = []  # gradient norms, read with the rest of the step
         self._snapshot: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._off: set[str] = set()
         self.lm_head: nn.Module | None = None
@@ -388,10 +511,10 @@ class Probes:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not self._collecting(module):
                 return
-            with torch.no_grad():
+            with self._budget.timing(), torch.no_grad():
                 qk = self._guard("attention", recipe, module, args, kwargs)
-            if qk is not None:
-                self._guard("attention", self._record_attention, module, *qk)
+                if qk is not None:
+                    self._guard("attention", self._record_attention, module, *qk)
 
         return hook
 
@@ -404,21 +527,27 @@ class Probes:
             or not torch.is_grad_enabled()
         ):
             return
-        self._guard("output", self._record_output, output)
+        with self._budget.timing():
+            self._guard("output", self._record_output, output)
 
     def _record_output(self, output: Any) -> None:
         logits = output[0] if isinstance(output, (tuple, list)) else output
         with torch.no_grad():
             x = logits.detach()[: self.max_rows].float()
             self._out = {
-                "output_logsumexp": float(torch.logsumexp(x, dim=-1).mean()),
-                "output_logit_max": float(x.amax()),
+                "output_logsumexp": torch.logsumexp(x, dim=-1).mean(),
+                "output_logit_max": x.amax(),
             }
 
     # ------------------------------------------------------------------ optimizer side
+    @property
+    def cadence(self) -> int:
+        """Steps between samples now: ``every_n_steps``, stretched by ``max_overhead``."""
+        return self._budget.stride
+
     def is_sampled(self, step: int) -> bool:
         """Whether ``step`` is sampled."""
-        return step % self.every_n_steps == 0
+        return step % self._budget.stride == 0
 
     def before_optimizer_step(self, step: int, *, grad_scale: float | None = None) -> None:
         """Read gradients (and snapshot parameters for the update ratio) on sampled steps.
@@ -426,97 +555,144 @@ class Probes:
         Call after ``backward()`` and gradient unscaling, before ``optimizer.step()``.
         ``grad_scale`` divides the gradient norms when the gradients are still scaled.
         """
-        self._pre = {}
+        self._pending = []
         self._snapshot = []
         if self.is_sampled(step):
-            self._guard("gradients", self._read_grads, grad_scale)
-            self._guard("update", self._take_snapshot)
+            with self._budget.timing():
+                self._guard("gradients", self._read_grads, grad_scale)
+                self._guard("update", self._take_snapshot)
 
     def after_optimizer_step(self, step: int) -> dict[str, float] | None:
-        """Metrics of sampled step ``step`` (None otherwise); arms the next sampled step."""
+        """Metrics of sampled step ``step`` (None otherwise); arms the next sampled step.
+
+        Every probe of the step stays on the device until here, where all are read back
+        in one transfer: a sampled step costs the GPU one synchronisation, not one per probe.
+        """
+        sampled = self.is_sampled(step)
         try:
-            if not self.is_sampled(step):
+            if not sampled:
                 return None
-            metrics: dict[str, float] = {}
+            pending = list(self._pending)
             if self._attn:
-                metrics["attn_logit_max"] = max(self._attn.values())
-                if self.per_layer:
-                    metrics.update({f"attn_logit_max/{k}": v for k, v in self._attn.items()})
-            metrics.update(self._out or {})
-            metrics.update(self._pre)
-            metrics.update(self._guard("params", self._read_params) or {})
-            metrics.update(self._guard("adam", self._read_adam) or {})
-            return metrics
+                pending.append(self._attention_reading())
+            if self._out:
+                names = list(self._out)
+                pending.append((list(self._out.values()), lambda v: dict(zip(names, v))))  # noqa: B905
+            with self._budget.timing():
+                for part, read in (("params", self._read_params), ("adam", self._read_adam)):
+                    reading = self._guard(part, read)
+                    if reading is not None:
+                        pending.append(reading)
+            return self._guard("read", _resolve, pending) or {}
         finally:
+            self._budget.step_done(step, sampled)
             self._armed = self.is_sampled(step + 1)
-            self._attn, self._out, self._pre, self._snapshot = {}, None, {}, []
+            self._attn, self._out, self._pending, self._snapshot = {}, None, [], []
 
     def _named_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+
+    def _attention_reading(self) -> _Reading:
+        layers = list(self._attn)
+
+        def finish(values: list[float]) -> dict[str, float]:
+            out = {"attn_logit_max": max(values)}
+            if self.per_layer:
+                out.update({f"attn_logit_max/{k}": v for k, v in zip(layers, values, strict=True)})
+            return out
+
+        return list(self._attn.values()), finish
 
     def _read_grads(self, grad_scale: float | None) -> None:
         named = [(n, p.grad) for n, p in self._named_params() if p.grad is not None]
         if not named:
             return
-        norms = _norms([g for _, g in named])
-        if grad_scale:
-            norms = [n / float(grad_scale) for n in norms]
+        divisor = float(grad_scale) if grad_scale else 1.0
         groups = [_group(n) for n, _ in named]
-        total, per = _combine(norms, groups)
-        self._pre["grad_norm"] = total
-        self._pre["nonfinite_grads"] = float(sum(not math.isfinite(n) for n in norms))
-        if self.per_layer:
-            self._pre.update({f"grad_norm/{g}": v for g, v in per.items()})
+
+        def finish(values: list[float]) -> dict[str, float]:
+            norms = [v / divisor for v in values]
+            total, per = _combine(norms, groups)
+            out = {"grad_norm": total, "nonfinite_grads": float(_n_nonfinite(norms))}
+            if self.per_layer:
+                out.update({f"grad_norm/{g}": v for g, v in per.items()})
+            return out
+
+        self._pending.append((_norms([g for _, g in named]), finish))
 
     def _take_snapshot(self) -> None:
         n = self.update_sample
-        self._snapshot = [(_group(name), p, _sample(p, n)) for name, p in self._named_params()]
-
-    def _read_params(self) -> dict[str, float]:
         named = list(self._named_params())
-        norms = _norms([p for _, p in named])
-        out = {
-            "param_norm": _combine(norms, ["all"] * len(norms))[0],
-            "nonfinite_params": float(sum(not math.isfinite(x) for x in norms)),
-        }
-        if self._snapshot:
-            n = self.update_sample
-            deltas = _norms([_sample(p, n) - before for _, p, before in self._snapshot])
-            bases = _norms([before for _, _, before in self._snapshot])
-            groups = [g for g, _, _ in self._snapshot]
-            (dt, dper), (bt, bper) = _combine(deltas, groups), _combine(bases, groups)
-            out["update_ratio"] = dt / bt if bt > 0 else math.inf
-            if self.per_layer:
-                out.update({f"update_ratio/{g}": dper[g] / bper[g] for g in dper if bper[g] > 0})
-        return out
+        copies = _copies([_sample(p, n) for _, p in named])
+        self._snapshot = [
+            (_group(name), p, copy) for (name, p), copy in zip(named, copies, strict=True)
+        ]
 
-    def _read_adam(self) -> dict[str, float]:
+    def _read_params(self) -> _Reading:
+        norms = _norms([p for _, p in self._named_params()])
+        snapshot, n = self._snapshot, self.update_sample
+        befores = [before for _, _, before in snapshot]
+        deltas = _norms(_differences([_sample(p, n) for _, p, _ in snapshot], befores))
+        bases = _norms(befores)
+        groups = [g for g, _, _ in snapshot]
+        k, m = len(norms), len(deltas)
+
+        def finish(values: list[float]) -> dict[str, float]:
+            out = {
+                "param_norm": _combine(values[:k], ["all"] * k)[0],
+                "nonfinite_params": float(_n_nonfinite(values[:k])),
+            }
+            if snapshot:
+                (dt, dper), (bt, bper) = (
+                    _combine(values[k : k + m], groups),
+                    _combine(values[k + m :], groups),
+                )
+                out["update_ratio"] = dt / bt if bt > 0 else math.inf
+                if self.per_layer:
+                    out.update(
+                        {f"update_ratio/{g}": dper[g] / bper[g] for g in dper if bper[g] > 0}
+                    )
+            return out
+
+        return norms + deltas + bases, finish
+
+    def _read_adam(self) -> _Reading | None:
         opt = self.optimizer
         if opt is None:
-            return {}
-        sums, below, count = [], [], 0
+            return None
+        vs, scales = [], []  # v and 1 / (bias correction · ε²), per tensor
+        below, sampled = [], 0  # entries of v̂ below ε², counted on the strided samples
         for group in opt.param_groups:
             eps, betas = group.get("eps"), group.get("betas")
             if not eps or betas is None:
                 continue
+            correction, samples = None, []
             for p in group["params"]:
-                state = opt.state.get(p) or {}
-                v = state.get("exp_avg_sq")
+                v = (opt.state.get(p) or {}).get("exp_avg_sq")
                 if v is None or not v.numel():
                     continue
-                t = float(state.get("step", 1))
-                v = v.detach().float() / max(1.0 - betas[1] ** max(t, 1.0), 1e-30)
-                sums.append(v.sum() / eps**2)
-                below.append((v < eps**2).sum().float())
-                count += v.numel()
+                if correction is None:  # one step count per group (it may live on the GPU)
+                    t = float(opt.state[p].get("step", 1))
+                    correction = max(1.0 - betas[1] ** max(t, 1.0), 1e-30)
+                vs.append(v.detach())
+                scales.append(1.0 / (correction * eps**2))
+                samples.append(_sample(v, self.update_sample))
+            if samples:
+                below.append((torch.cat(samples) < eps**2 * correction).sum())
+                sampled += sum(x.numel() for x in samples)
+        count = sum(v.numel() for v in vs)
         if not count:
-            return {}
-        total, n_below = torch.stack(sums).sum(), torch.stack(below).sum()
-        values = torch.stack([total, n_below]).cpu().tolist()
-        return {
-            "adam_v_rms_over_eps": math.sqrt(values[0] / count),
-            "adam_v_below_eps_frac": values[1] / count,
-        }
+            return None
+        sums = _norms(vs, 1)  # v >= 0: its L1 norm is its sum
+
+        def finish(values: list[float]) -> dict[str, float]:
+            total = sum(x * c for x, c in zip(values[: len(vs)], scales, strict=True))
+            return {
+                "adam_v_rms_over_eps": math.sqrt(total / count),
+                "adam_v_below_eps_frac": sum(values[len(vs) :]) / sampled,
+            }
+
+        return sums + below, finish
 
     # ------------------------------------------------------------------ safety
     def _guard(self, part: str, fn: Callable, *args: Any) -> Any:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -41,6 +43,7 @@ _FAILED = object()  # what a guarded call returns when it raised
 _RECENT = 8  # last observations behind the smoothed loss
 _RECENT_SPAN = 0.05  # ... of which those within this share of the planned steps are smoothed
 _TRAJECTORY_POINTS = 32  # future steps of the predicted trajectory in a forecast event
+PROBE_BUDGET = 0.01  # probes are sampled so that they take at most this share of the time
 
 
 def train_loss_step(updates: int, window: int = 1) -> int:
@@ -177,7 +180,9 @@ class Monitor:
         ``lossforecast.integrations.torch.Probes``), sampled every ``probe_every`` steps.
         With ``optimizer`` too, the probes hook its ``step()`` themselves.
     probe_every : int, optional
-        Steps between probe samples. Default 20.
+        Steps between probe samples. Default 20; stretched to a multiple of it where a
+        probe step would otherwise take more than 1% of the training time (fast steps of
+        small models), so that probing never slows training noticeably.
     amp : object, optional
         Where the dynamic loss scaler is (a ``torch.amp.GradScaler``, a Lightning trainer,
         an HF accelerator): a run of skipped steps or a collapsing scale is warned about.
@@ -746,7 +751,12 @@ class Monitor:
         from lossforecast.integrations.torch import Probes  # needs torch
 
         probes = self._guard(
-            "attach the probes", Probes, model, optimizer, every_n_steps=every_n_steps
+            "attach the probes",
+            Probes,
+            model,
+            optimizer,
+            every_n_steps=every_n_steps,
+            max_overhead=PROBE_BUDGET,
         )
         if probes is _FAILED or self._guard("attach the probes", probes.attach) is _FAILED:
             return
@@ -876,24 +886,35 @@ class Monitor:
 
 
 class LossWindow:
-    """Sum of losses since the last read; tensors stay on their device until read."""
+    """Losses since the last read; tensors stay on their device until read.
+
+    Adding is a list append (no device work on the training step); a read sums them with
+    one stack.
+    """
 
     def __init__(self) -> None:
-        self._sum: Any = None
-        self.count = 0
+        self._values: list[Any] = []
+
+    @property
+    def count(self) -> int:
+        """Losses added since the last read."""
+        return len(self._values)
 
     def add(self, loss: Any) -> None:
         """Add one loss (a float or a tensor, detached first)."""
         detach = getattr(loss, "detach", None)
-        value = detach() if detach is not None else float(loss)
-        self._sum = value if self._sum is None else self._sum + value
-        self.count += 1
+        self._values.append(detach() if detach is not None else float(loss))
 
     def take_sum(self) -> tuple[Any, int]:
         """(sum, count) so far, then start over."""
-        total, count = self._sum, self.count
-        self._sum, self.count = None, 0
-        return total, count
+        values, self._values = self._values, []
+        if not values:
+            return None, 0
+        torch = sys.modules.get("torch")  # tensors mean torch is loaded; the core never imports it
+        if torch is not None and all(isinstance(v, torch.Tensor) for v in values):
+            with contextlib.suppress(RuntimeError):  # shapes or devices that do not stack
+                return torch.stack(values).sum(), len(values)
+        return sum(values[1:], values[0]), len(values)
 
     def take_mean(self) -> float | None:
         """Mean so far as a float (None if empty), then start over."""

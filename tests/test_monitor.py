@@ -12,7 +12,7 @@ import pytest
 
 from lossforecast import Event, Forecast, Forecaster, Monitor, Priors
 from lossforecast._callbacks import check_options, never_raises
-from lossforecast._monitor import join_schedule, train_loss_step
+from lossforecast._monitor import LossWindow, join_schedule, train_loss_step
 from lossforecast.sinks import ConsoleSink, Sink
 
 T = 400
@@ -415,3 +415,17 @@ def test_history_dir_from_the_environment(tmp_path, monkeypatch):
     mon = Monitor(LR, sinks=[], energy=False)
     assert str(mon.history_dir) == str(tmp_path)
     mon.close()
+
+
+def test_loss_window_sums_floats_and_tensors_and_starts_over():
+    window = LossWindow()
+    assert window.take_sum() == (None, 0) and window.take_mean() is None
+    window.add(1.0)
+    window.add(np.float32(2.0))
+    assert window.count == 2 and window.take_sum() == (3.0, 2)
+    assert window.count == 0
+    torch = pytest.importorskip("torch")
+    for value in (1.5, 2.5, 5.0):
+        window.add(torch.tensor(value, requires_grad=True) * 1.0)  # summed detached, at read
+    total, count = window.take_sum()
+    assert count == 3 and float(total) == 9.0 and not total.requires_grad

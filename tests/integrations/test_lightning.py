@@ -193,6 +193,28 @@ def test_captured_schedule_matches_the_lrs_used(schedule, interval, frequency, a
     assert cb.schedule_note is None
 
 
+def test_gradient_accumulation_feeds_the_mean_of_the_unscaled_batch_losses():
+    import lightning.pytorch as pl
+
+    class Recording(_module_class(pl)):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.losses.append(float(loss))
+            return loss
+
+    torch.manual_seed(0)
+    every, accumulate = 5, 2
+    cb = LossForecastCallback(every_n_steps=every)
+    model = Recording(batches=80)
+    model.losses = []
+    _trainer(pl, [cb], max_steps=40, accumulate_grad_batches=accumulate).fit(model)
+    per_step = np.asarray(model.losses).reshape(-1, accumulate).mean(axis=1)  # Lightning's loss
+    windows = [per_step[i : i + every].mean() for i in range(0, 40, every)]
+    bins = cb.forecaster.state_dict()["observations"]["bins"]
+    observed = [v for v, n in zip(bins["sum_loss"], bins["n"], strict=True) if n]
+    np.testing.assert_allclose(observed, windows, rtol=1e-5)
+
+
 def test_plateau_scheduler_is_reported_and_current_lr_assumed(caplog):
     import lightning.pytorch as pl
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 
 import pytest
 
@@ -357,6 +358,49 @@ def test_a_failing_probe_logs_once_and_training_goes_on(caplog, monkeypatch):
     assert caplog.text.count("params probe failed") == 1
 
 
+def sampled_steps(probes, model, opt, steps, step_seconds=0.0):
+    """Train ``steps`` steps of ``model`` (each padded to ``step_seconds``); the sampled ones."""
+    sampled = []
+    for step in range(steps):
+        if step_seconds:
+            time.sleep(step_seconds)
+        if step_once(model, probes, opt, torch.randn(4, 6), step) is not None:
+            sampled.append(step)
+    return sampled
+
+
+def test_cost_budget_stretches_the_cadence_when_probing_is_expensive(monkeypatch, caplog):
+    original = Probes._read_params
+
+    def slow(self):  # a probe step that costs far more than 1% of a (sub-ms) training step
+        time.sleep(0.005)
+        return original(self)
+
+    monkeypatch.setattr(Probes, "_read_params", slow)
+    model = Tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with (
+        caplog.at_level(logging.INFO),
+        Probes(model, opt, every_n_steps=2, max_overhead=0.01) as probes,
+    ):
+        sampled = sampled_steps(probes, model, opt, 250)
+    # the first sample pays one-off costs and is not counted; the second sets the cadence,
+    # capped at 50 times every_n_steps
+    assert probes.cadence == 100
+    assert sampled == [0, 2, 100, 200]
+    assert caplog.text.count("probing every 100 steps") == 1
+
+
+def test_cost_budget_keeps_the_cadence_when_steps_are_long():
+    model = Tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with Probes(model, opt, every_n_steps=10, max_overhead=0.01) as probes:
+        sampled = sampled_steps(probes, model, opt, 41, step_seconds=0.05)
+    assert probes.cadence == 10 and sampled == [0, 10, 20, 30, 40]
+    with Probes(model, opt, every_n_steps=2) as fixed:  # no budget: never stretched
+        assert sampled_steps(fixed, model, opt, 7) == [0, 2, 4, 6]
+
+
 def test_constructor_checks():
     model = Tiny()
     with pytest.raises(TypeError, match="`model`"):
@@ -365,6 +409,9 @@ def test_constructor_checks():
         Probes(model, every_n_steps=0)
     with pytest.raises(ValueError, match="`lm_head`"):
         Probes(model, lm_head="nope")
+    for share in (0.0, 1.0, -0.1, "1%"):
+        with pytest.raises(ValueError, match="`max_overhead`"):
+            Probes(model, max_overhead=share)
     assert Probes(model, lm_head=False).attach().lm_head is None
     assert Probes(model, lm_head="layers.0").attach().lm_head is model.layers[0]
 
