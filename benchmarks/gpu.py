@@ -1,9 +1,14 @@
 """Measured power, energy, MFU and the energy-to-finish forecast on a CUDA GPU.
 
-Trains the character GPT of ``examples/_chargpt.py`` (bf16 autocast, warmup + cosine) in a
-plain loop with an ``EnergyMonitor`` (NVML) and a ``ComputeMeter``, feeds a ``Forecaster``,
-and at 30% of the steps forecasts the energy to finish; at the end it compares that with
-the energy the rest of the run actually used. Prints a table and, on CUDA, writes
+Trains the character GPT of ``examples/_chargpt.py`` (bf16, warmup + cosine) twice:
+
+- in a plain loop with an ``EnergyMonitor`` (NVML) and a ``ComputeMeter`` feeding a
+  ``Forecaster`` by hand, and
+- as the Lightning example does, with ``LossForecastCallback`` doing all of it itself (its
+  own NVML sampler, FLOPs counted on the first batch, MFU against the peak table).
+
+At 30% of the steps each forecasts the energy and time to finish; at the end they are
+compared with what the rest of the run actually used. Prints a table and, on CUDA, writes
 ``benchmarks/gpu.md``. Every number is measured on the machine it runs on::
 
     python benchmarks/gpu.py                  # CUDA; a few minutes at most
@@ -18,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 
@@ -25,11 +31,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 
 import _chargpt  # noqa: E402
+from chargpt_lightning import CharGPTModule  # noqa: E402
 from lossforecast.integrations.flops import (  # noqa: E402
     count_flops,
     cuda_device_ids,
     device_peak_flops,
 )
+from lossforecast.integrations.lightning import LossForecastCallback  # noqa: E402
 
 from lossforecast import Forecaster  # noqa: E402
 from lossforecast._compute import JOULES_PER_KWH, ComputeMeter  # noqa: E402
@@ -109,15 +117,87 @@ def main() -> None:
     end = time.perf_counter()
     if energy is not None:
         energy.close()  # takes a last sample now, at the end of training
-    report(args, device, flops, meter, energy, forecast, start, end, losses, fc)
+    rows = plain_rows(args, device, flops, meter, energy, forecast, start, end, losses, fc)
+    rows += lightning_rows(args, device)
+    report(args, device, rows)
 
 
-def report(args, device, flops, meter, energy, forecast, start, end, losses, fc) -> None:
+class StatusAt(pl.Callback):
+    """The forecasting callback's status (and the time) at step ``at`` and at the end."""
+
+    def __init__(self, forecast: LossForecastCallback, at: int, cuda: bool) -> None:
+        self.forecast, self.at, self.cuda = forecast, at, cuda
+        self.seen: dict[str, tuple] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at and "at" not in self.seen:
+            self._keep("at")
+
+    def on_train_end(self, trainer, pl_module):
+        self._keep("end")
+
+    def _keep(self, name: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seen[name] = (self.forecast.status(), time.perf_counter())
+
+
+def lightning_rows(args, device: torch.device) -> list[tuple[str, str]]:
+    """Train as ``examples/chargpt_lightning.py`` does and read the callback's own figures."""
+    pl.seed_everything(args.seed, verbose=False)
+    forecast = LossForecastCallback(every_n_steps=EVERY)
+    cuda = device.type == "cuda"
+    probe = StatusAt(forecast, int(FORECAST_AT * args.steps), cuda)
+    trainer = pl.Trainer(
+        max_steps=args.steps,
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        callbacks=[forecast, probe],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(CharGPTModule(args.steps, args.batch_size, args.seed))
+    (early, t_at), (final, t_end) = probe.seen["at"], probe.seen["end"]
+    final = forecast.status()  # after the callback closed its sampler (last sample taken)
+    c0, c1 = early.cost, final.cost
+    rows = [
+        ("**Lightning + LossForecastCallback**", f"{trainer.precision}, `every_n_steps={EVERY}`"),
+        ("callback: MFU / tokens per second", f"{_fmt(c1.get('compute/mfu'), '.2%')} / "
+         f"{_fmt(c1.get('compute/tokens_per_second'), '.4g')}"),
+        ("callback: recent power (W)", _fmt(c1.get("compute/watts"), ".1f")),
+        ("callback: energy of the run (J)", _fmt(c1.get("compute/joules"), ".1f")),
+    ]  # fmt: skip
+    at_text = f"callback at {FORECAST_AT:.0%}"
+    if "joules_to_finish" in c0 and "compute/joules" in c0 and "compute/joules" in c1:
+        used = c1["compute/joules"] - c0["compute/joules"]
+        forecast_j = c0["joules_to_finish"]
+        rows += [
+            (f"{at_text}: energy to finish (J)", f"{forecast_j:.1f}"),
+            ("energy actually used after it (J)", f"{used:.1f}"),
+            ("forecast error", f"{(forecast_j - used) / used:+.1%}"),
+        ]
+    if early.seconds_to_finish is not None:
+        rows += [
+            (f"{at_text}: time to finish (s)", f"{early.seconds_to_finish:.1f}"),
+            ("time actually taken after it (s)", f"{t_end - t_at:.1f}"),
+        ]
+    reached = float(np.mean(trainer.lightning_module.losses[-max(args.steps // 20, 1) :]))
+    final_loss = _fmt(final.forecast and final.forecast.loss)
+    rows.append(("callback: loss reached / final forecast", f"{reached:.4f} / {final_loss}"))
+    return rows
+
+
+def plain_rows(args, device, flops, meter, energy, forecast, start, end, losses, fc):
+    """The plain loop's figures, as (quantity, value) rows."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     m = meter.metrics(prefix="")
     cost = forecast["cost"] if forecast else None
     rows = [
         ("device", name),
+        ("**plain loop**", "bf16 autocast, core parts fed by hand"),
         ("steps x batch x tokens", f"{args.steps} x {args.batch_size} x {_chargpt.BLOCK}"),
         ("FLOPs per step", f"{flops.flops:.4g} ({flops.method})"),
         ("wall time (s)", f"{end - start:.1f}"),
@@ -150,6 +230,10 @@ def report(args, device, flops, meter, energy, forecast, start, end, losses, fc)
     final = fc.forecast()
     reached = float(np.mean(losses[-max(len(losses) // 20, 1) :]))
     rows.append(("loss reached / forecast now", f"{reached:.4f} / {_fmt(final and final.loss)}"))
+    return rows
+
+
+def report(args, device, rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -161,9 +245,10 @@ def report(args, device, flops, meter, energy, forecast, start, end, losses, fc)
         "",
         f"Written by `python benchmarks/gpu.py --steps {args.steps} --batch-size "
         f"{args.batch_size}` ({time.strftime('%Y-%m-%d')}); torch {torch.__version__}, "
-        f"energy sampled every {args.interval} s. Character GPT of `examples/_chargpt.py` "
-        "with bf16 autocast, plain loop, forecast of the energy to finish made at "
-        f"{FORECAST_AT:.0%} of the steps (kWh = J / {JOULES_PER_KWH:.0f}).",
+        f"plain loop's energy sampled every {args.interval} s (the callback's at its "
+        "default, 1 s). Character GPT of `examples/_chargpt.py` in bf16, trained in a plain "
+        "loop and then with Lightning and the callback; forecasts of the energy and time to "
+        f"finish made at {FORECAST_AT:.0%} of the steps (kWh = J / {JOULES_PER_KWH:.0f}).",
         "",
         "| quantity | value |",
         "|---|---|",
