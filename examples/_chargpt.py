@@ -1,4 +1,4 @@
-"""Shared pieces of the character-level GPT examples: text, data, model, schedule and report.
+"""Shared pieces of the character-level GPT examples: text, data, model, schedule, live report.
 
 The text is the Python standard library's own source, so the examples run offline anywhere.
 """
@@ -125,14 +125,12 @@ def warmup_cosine(total: int):
 
 
 class Report:
-    """Prints the live forecast; at the end, compares earlier forecasts with the loss reached."""
-
-    MARKS = (25, 50, 75)  # percent of training at which a forecast is kept for the final table
+    """Prints the live forecast now and then; the end-of-run summary is lossforecast's own
+    scorecard (the forecasts made at 10/25/50/75/90% of training against the loss reached)."""
 
     def __init__(self, total: int, every: int) -> None:
         self.total = total
         self.every = max(every, 1)
-        self.kept: dict[int, float] = {}
 
     def live(self, step: int, loss: float, forecast) -> None:
         """One line every ``every`` steps: the recent loss and the forecast of the final one."""
@@ -147,15 +145,3 @@ class Report:
             f"step {step:5d}/{self.total}  loss {loss:.3f}  forecast final {forecast.loss:.3f} "
             f"[{forecast.low:.3f}, {forecast.high:.3f}]"
         )
-        for mark in self.MARKS:
-            if 100 * step >= mark * self.total:
-                self.kept.setdefault(mark, forecast.loss)
-
-    def final(self, losses: list[float]) -> None:
-        """Compare the forecasts kept along the way with the mean loss of the last 5% of steps."""
-        tail = losses[-max(len(losses) // 20, 1) :]
-        reached = float(np.mean(tail))
-        print(f"\nloss reached (mean of the last {len(tail)} steps): {reached:.3f}")
-        for mark, value in sorted(self.kept.items()):
-            error = 100 * (value - reached) / reached
-            print(f"  forecast made at {mark}% of training: {value:.3f}  ({error:+.1f}%)")

@@ -82,7 +82,6 @@ def main() -> None:
         enable_model_summary=False,
     )
     trainer.fit(module)
-    report.final(module.losses)
     n = sum(e.kind == "forecast" and not e.is_summary for e in forecast.events)
     print(f"\n{n} forecast events (forecast.events)", end="")
     print(f"; TensorBoard run folder: {logger.log_dir}" if logger else "")

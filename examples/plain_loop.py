@@ -46,8 +46,7 @@ def main() -> None:
         monitor.step(loss)  # after optimizer.step(): O(1), fitting happens in the background
         losses.append(loss.item())
         report.live(step, sum(losses[-10:]) / len(losses[-10:]), monitor.forecast())
-    monitor.finish()
-    report.final(losses)
+    monitor.finish()  # prints the summary: forecasts at 10-90% against the loss reached
 
 
 if __name__ == "__main__":
