@@ -19,8 +19,9 @@ from lossforecast import Monitor
 from lossforecast._callbacks import MonitorAccess, never_raises
 from lossforecast._compute import WorldEnergy
 from lossforecast._monitor import LossWindow, train_loss_step
-from lossforecast._power import open_energy_monitor
 from lossforecast.sinks import MetricsSink
+
+from ._rank_energy import RankEnergy
 
 try:
     import lightning.pytorch as pl
@@ -294,33 +295,14 @@ class LossForecastCallback(MonitorAccess, _Callback):
     def _open_rank_energy(self, trainer: Any, pl_module: Any) -> None:
         """Under DDP, every rank measures its own GPU; their sums go to rank zero's monitor."""
         self._summing_energy = trainer.world_size > 1 and self._options.get("energy", True)
-        self._rank_energy = None
-        if self._summing_energy:
-            from .flops import cuda_device_ids
-
-            self._rank_energy = open_energy_monitor(cuda_device_ids(pl_module.device))
+        self._rank_energy = RankEnergy(pl_module.device) if self._summing_energy else None
 
     def _sum_rank_energy(self, trainer: Any, pl_module: Any) -> None:
         """All-reduce every rank's energy and power (one small collective per window)."""
-        import torch
-
-        energy = self._rank_energy
-        joules = energy.joules() if energy is not None else None
-        watts = energy.watts() if energy is not None else None
-        local = [joules or 0.0, watts or 0.0, float(joules is not None), float(watts is not None)]
-        total = trainer.strategy.reduce(
-            torch.tensor(local, dtype=torch.float64, device=pl_module.device), reduce_op="sum"
+        energy = None if self._monitor is None else self._monitor.compute.energy
+        self._rank_energy.sum(
+            lambda t: trainer.strategy.reduce(t, reduce_op="sum"), energy, trainer.world_size
         )
-        if self._monitor is not None and isinstance(self._monitor.compute.energy, WorldEnergy):
-            joules, watts, ranks, watt_ranks = total.tolist()
-            self._monitor.compute.energy.update(
-                joules, watts, int(ranks), trainer.world_size, int(watt_ranks)
-            )
-
-    def _close_rank_energy(self) -> None:
-        if getattr(self, "_rank_energy", None) is not None:
-            self._rank_energy.close()
-            self._rank_energy = None
 
     def _reset_run(self, start: int, every: int, total: float) -> None:
         self._summing_energy = False

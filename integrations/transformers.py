@@ -10,8 +10,11 @@ from typing import Any
 
 from lossforecast import Monitor
 from lossforecast._callbacks import MonitorAccess, never_raises
+from lossforecast._compute import WorldEnergy
 from lossforecast._monitor import train_loss_step
 from lossforecast.sinks import MetricsSink
+
+from ._rank_energy import RankEnergy
 
 try:
     from transformers import TrainerCallback
@@ -148,10 +151,16 @@ class LossForecastCallback(MonitorAccess, *_Bases):
         if self._monitor is not None:
             self._monitor.close(timeout=1.0)
         self._monitor = None
+        self._close_rank_energy()
         start = self._last_log_step = state.global_step
         self._last_step = -1
         self._flos = (start, state.total_flos)
-        if not state.is_world_process_zero or start >= state.max_steps:
+        if start >= state.max_steps:
+            return
+        # with several processes each measures its own GPU; the sums go to the main process
+        summing = args.world_size > 1 and self._options.get("energy", True)
+        self._rank_energy = RankEnergy(args.device) if summing else None
+        if not state.is_world_process_zero:
             return
         scheduler = kwargs.get("lr_scheduler")
         optimizer = getattr(scheduler, "optimizer", None) or kwargs.get("optimizer")
@@ -163,8 +172,15 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             state=self._saved_state(state) if start > 0 else None,
             sinks=[*self._run_sinks(lambda: _tensorboard(args)), *self._logger_sinks()],
             run_dir=args.output_dir,
-            **{**_compute_options(args), "amp": optimizer, **self._options},  # user's win
+            **{
+                **_compute_options(args),
+                "amp": optimizer,
+                **self._options,  # the user's options win
+                **({"energy": False} if summing else {}),  # each process measures its own
+            },
         )
+        if summing:
+            self._monitor.compute.energy = WorldEnergy()
         model = kwargs.get("model")
         self._start_run(getattr(model, "module", model), optimizer)
 
@@ -177,6 +193,9 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             return
         g = state.global_step
         self._note_flops(state)
+        if self.monitor in logs and self._rank_energy is not None:  # every process logs it
+            energy = None if self._monitor is None else self._monitor.compute.energy
+            self._rank_energy.sum(_all_reduce, energy, args.world_size)
         if self.monitor in logs and self._monitor is not None:
             if self.monitor == "loss":
                 step = train_loss_step(g, g - self._last_log_step)
@@ -222,6 +241,7 @@ class LossForecastCallback(MonitorAccess, *_Bases):
     @never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Make a last fit on all the data, emit the summary and close the sinks."""
+        self._close_rank_energy()
         if self._monitor is not None:
             self._monitor.finish(step=state.global_step - 1)
 
@@ -305,6 +325,15 @@ class LossForecastCallback(MonitorAccess, *_Bases):
             if isinstance(entry, dict) and entry.get("args", {}).get("monitor") == self.monitor:
                 return entry.get("attributes", {}).get("saved_state")
         return None
+
+
+def _all_reduce(tensor: Any) -> Any:
+    """The sum of ``tensor`` over the processes (in place; as is without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def _broadcast(values: list, args: Any) -> list:

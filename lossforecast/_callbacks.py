@@ -85,6 +85,13 @@ class MonitorAccess:
     _trial: Any = None
     _reporter: Any = None
     _prune_reason: str | None = None
+    _rank_energy: Any = None  # this process's energy under data parallelism (integrations)
+
+    def _close_rank_energy(self) -> None:
+        """Stop this process's own energy sampler, if it has one."""
+        if self._rank_energy is not None:
+            self._rank_energy.close()
+            self._rank_energy = None
 
     def _configure(
         self,

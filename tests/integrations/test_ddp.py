@@ -12,58 +12,26 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers, also in the ranks
+from _ddp import WATTS, free_port, measure_with_fake_rapl, run_two_ranks
+
 STEPS = 20
 EVERY = 2
 
 
-WATTS = (10.0, 20.0)  # fake power of rank 0 and rank 1
-
-
-def _fake_rapl(root: Path, watts: float) -> None:
-    """A powercap folder whose package counter grows at ``watts`` (advanced by a thread)."""
-    import threading
-    import time
-
-    domain = root / "intel-rapl:0"
-    domain.mkdir(parents=True)
-    (domain / "name").write_text("package-0\n")
-    (domain / "max_energy_range_uj").write_text(f"{2**40}\n")
-    counter = domain / "energy_uj"
-    counter.write_text("0\n")
-    start = time.monotonic()
-
-    def advance() -> None:  # replaced whole, as sysfs reads are: never an empty file
-        while True:
-            time.sleep(0.01)
-            fresh = domain / "energy_uj.new"
-            fresh.write_text(f"{int(watts * 1e6 * (time.monotonic() - start))}\n")
-            os.replace(fresh, counter)
-
-    threading.Thread(target=advance, daemon=True).start()
-
-
 def _train(out: Path, mode: str) -> None:
-    import functools
     import time
 
     import lightning.pytorch as pl
-    import lossforecast.integrations.lightning as adapter
     import torch
     from lossforecast.integrations.lightning import LossForecastCallback
 
-    rank = int(os.environ.get("LOCAL_RANK", "0"))
-    rapl = out / f"powercap-rank{rank}"
-    _fake_rapl(rapl, WATTS[rank])
-    adapter.open_energy_monitor = functools.partial(
-        adapter.open_energy_monitor, interval=0.05, rapl_root=rapl
-    )
+    measure_with_fake_rapl(out, int(os.environ.get("LOCAL_RANK", "0")))
 
     class Tiny(pl.LightningModule):
         def __init__(self):
@@ -134,23 +102,9 @@ def _train(out: Path, mode: str) -> None:
 def _run_ddp(out: Path, mode: str) -> tuple[dict, dict]:
     """Train on 2 gloo ranks in a subprocess; the two ranks' results."""
     pytest.importorskip("lightning")
-    torch = pytest.importorskip("torch")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    with socket.socket() as sock:  # a free port for the process group
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out), mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    pytest.importorskip("torch")
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return run_two_ranks([sys.executable, __file__, str(out), mode], out, env)
 
 
 @pytest.mark.parametrize("mode", ["stop", "prune"])

@@ -1,0 +1,76 @@
+"""Helpers of the multi-process tests: a fake RAPL counter per rank and a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+WATTS = (10.0, 20.0)  # fake power of rank 0 and rank 1
+
+
+def fake_rapl(root: Path, watts: float) -> None:
+    """A powercap folder whose package counter grows at ``watts`` (advanced by a thread).
+
+    The counter file is replaced whole, as sysfs reads are atomic: never an empty read.
+    """
+    domain = root / "intel-rapl:0"
+    domain.mkdir(parents=True)
+    (domain / "name").write_text("package-0\n")
+    (domain / "max_energy_range_uj").write_text(f"{2**40}\n")
+    counter = domain / "energy_uj"
+    counter.write_text("0\n")
+    start = time.monotonic()
+
+    def advance() -> None:
+        while True:
+            time.sleep(0.01)
+            fresh = domain / "energy_uj.new"
+            fresh.write_text(f"{int(watts * 1e6 * (time.monotonic() - start))}\n")
+            os.replace(fresh, counter)
+
+    threading.Thread(target=advance, daemon=True).start()
+
+
+def measure_with_fake_rapl(out: Path, rank: int) -> None:
+    """Make this rank's energy monitor read its own fake counter, sampled every 50 ms."""
+    import functools
+
+    import lossforecast.integrations._rank_energy as rank_energy
+
+    root = out / f"powercap-rank{rank}"
+    fake_rapl(root, WATTS[rank])
+    rank_energy.open_energy_monitor = functools.partial(
+        rank_energy.open_energy_monitor, interval=0.05, rapl_root=root
+    )
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for the process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_ranks(command: list[str], out: Path, env: dict[str, str]) -> tuple[dict, dict]:
+    """Run ``command``, which trains on two gloo ranks that each write ``out/rank{r}.json``;
+    the two results (skipped where torch.distributed has no gloo)."""
+    import pytest
+    import torch
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    proc = subprocess.run(
+        command,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
