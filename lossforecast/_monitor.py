@@ -364,6 +364,8 @@ class Monitor:
         self.advisor = advisor
         self.auto_stop = bool(auto_stop)
         self.stop_reason: str | None = None
+        self._n_warnings = 0  # warnings emitted, and the messages of the advice emitted
+        self._advice_given: list[str] = []
         self.detector: InstabilityDetector | None = None
         if instability:
             spikes = None if self.run_dir is None else BadBatchLog(self.run_dir)
@@ -551,13 +553,6 @@ class Monitor:
         seconds = cost.pop("seconds_to_finish", None)
         if seconds is None:
             seconds = self._seconds_to_finish(total)
-        counts = {"warning": 0}
-        advice = []
-        for e in self.bus.events:
-            if e.kind == "warning":
-                counts["warning"] += 1
-            elif e.kind == "advice":
-                advice.append(e.message)
         observed = self._recent[-1][1] + 1 if self._recent else 0
         return RunStatus(
             step=max(self._updates, observed),
@@ -566,8 +561,8 @@ class Monitor:
             seconds_to_finish=seconds,
             eta=None if seconds is None else eta_text(seconds, time.time()),
             cost=cost,
-            warnings=counts["warning"],
-            advice=tuple(advice),
+            warnings=self._n_warnings,
+            advice=tuple(self._advice_given),
             stop_reason=self.stop_reason,
         )
 
@@ -580,6 +575,10 @@ class Monitor:
         if event.kind != "forecast":
             data = {**self.status().data(), **event.data}
             event = Event(event.kind, event.severity, event.step, event.message, data, event.time)
+        if event.kind == "warning":
+            self._n_warnings += 1
+        elif event.kind == "advice":
+            self._advice_given.append(event.message)
         self._guard("report an event", self.bus.emit, event)
 
     @property

@@ -332,6 +332,9 @@ def test_status_scorecard_and_eta_in_every_event(tmp_path):
     warning = mon.events[-1]
     assert warning.data["eta"] == mon.status().eta and warning.data["progress"] == 0.75
     assert mon.status().warnings == status.warnings + 1  # (the test's wait may be a stall)
+    mon.emit(Event("advice", "info", 300, "cool down now"))
+    assert mon.status().advice == (*status.advice, "cool down now")
+    assert mon.status().warnings == status.warnings + 1  # advice is not a warning
     mon.finish()
 
     summary = mon.events[-1]
