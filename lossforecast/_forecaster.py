@@ -261,6 +261,15 @@ class Forecaster:
             if refined.success:
                 result = refined
                 dispersion = self._dispersion(result, x, loss, sigma)
+        # A positive loss (cross-entropy) cannot end below zero: such a fit is the law's
+        # annealing term running away while the data cannot yet pin it down.
+        end = LawInputs.at(sched, np.array([sched.total_steps - 1]))
+        final = float(self._law.predict(result.params, end)[0])
+        if min_loss > 0 and not final > 0:
+            return None, (
+                f"the fit predicts a loss of {final:.3g} at the end of the schedule, below zero "
+                "for a loss that has stayed positive"
+            )
         cov = np.linalg.pinv(result.hessian)
         fitted = _Fitted(result, self._law, cov * dispersion, progress, total, int(steps[-1]))
         return fitted, None

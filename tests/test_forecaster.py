@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -284,6 +285,25 @@ def test_failing_fit_keeps_the_last_good_forecast(monkeypatch, broken, message):
     monkeypatch.undo()
     fc.update(int(0.5 * T) + 15, float(losses[-1]))
     assert fc.forecast() is not None and fc.last_error is None
+
+
+def test_a_fit_that_ends_below_zero_is_refused(monkeypatch):
+    lr = _cosine()
+    steps, losses, _ = _synthetic("multi-power", lr)
+    fc = _fed(lr, steps, losses, 0.5)
+    good = fc.forecast()
+    real_fit = forecaster_mod.fit_law
+
+    def runaway(law, *args, **kwargs):  # a converged fit whose floor L0 is far below zero
+        result = real_fit(law, *args, **kwargs)
+        params = result.params.copy()
+        params[law.params.index("L0")] = -10.0
+        return dataclasses.replace(result, params=params)
+
+    monkeypatch.setattr(forecaster_mod, "fit_law", runaway)
+    fc.update(int(0.5 * T) + 5, float(losses[-1]))
+    assert fc.forecast() == good  # the last good forecast stays
+    assert "below zero" in fc.last_error
 
 
 def test_failing_first_fit_gives_none_and_says_why(monkeypatch):
