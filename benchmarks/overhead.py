@@ -248,7 +248,8 @@ def main() -> None:
         f"(feeds every {args.every} steps and probe samples every 20 included). It is "
         "measured inside each step, so unlike the ratios it is not lost in run-to-run noise; "
         "its mean over the median step without the callback is what the callback adds. "
-        "Fitting runs on a background thread, capped at 2% of wall time; the last column is "
+        "Fitting runs on a background thread, capped at 2% of wall time (the first fit starts "
+        "at once, so short runs show more); the last column is "
         f"its measured share. {sampler}",
         "",
         "| capture of a 1e6-step schedule (2 param groups) | seconds |",

@@ -74,3 +74,14 @@ def run_two_ranks(command: list[str], out: Path, env: dict[str, str]) -> tuple[d
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+def fit_back_to_back() -> None:
+    """Let the background fitter refit after every new window, with no duty-cycle pause.
+
+    The tests that use it are about a decision reaching every rank, not about the fitting
+    cadence; a run of a few seconds must not depend on when the capped fits happen to land.
+    """
+    from lossforecast._background import BackgroundFitter
+
+    BackgroundFitter.__init__.__kwdefaults__["max_duty"] = 1.0

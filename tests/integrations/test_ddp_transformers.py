@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers, also in the ranks
-from _ddp import WATTS, free_port, measure_with_fake_rapl, run_two_ranks
+from _ddp import WATTS, fit_back_to_back, free_port, measure_with_fake_rapl, run_two_ranks
 
 STEPS = 40
 LOG_EVERY = 2
@@ -39,6 +39,8 @@ def _train(out: Path, mode: str) -> None:
             time.sleep(0.075)
 
     options = {}
+    if mode != "forecast":
+        fit_back_to_back()
     if mode == "stop":  # an unreachable target: auto_stop saves a checkpoint and stops
         options = {"target_loss": 1e-3, "auto_stop": True}
     elif mode == "prune":  # every process holds a trial; the main process's pruner decides
