@@ -160,7 +160,7 @@ def lightning_rows(args, device: torch.device) -> list[tuple[str, str]]:
         enable_model_summary=False,
     )
     trainer.fit(CharGPTModule(args.steps, args.batch_size, args.seed))
-    (early, t_at), (final, t_end) = probe.seen["at"], probe.seen["end"]
+    (early, t_at), (_, t_end) = probe.seen["at"], probe.seen["end"]
     final = forecast.status()  # after the callback closed its sampler (last sample taken)
     c0, c1 = early.cost, final.cost
     rows = [

@@ -576,8 +576,8 @@ class Probes:
             if self._attn:
                 pending.append(self._attention_reading())
             if self._out:
-                names = list(self._out)
-                pending.append((list(self._out.values()), lambda v: dict(zip(names, v))))  # noqa: B905
+                names, values = list(self._out), list(self._out.values())
+                pending.append((values, lambda v: dict(zip(names, v, strict=True))))
             with self._budget.timing():
                 for part, read in (("params", self._read_params), ("adam", self._read_adam)):
                     reading = self._guard(part, read)
