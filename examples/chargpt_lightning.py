@@ -74,7 +74,7 @@ def main() -> None:
     logger = TensorBoardLogger(args.log_dir, name="chargpt") if args.log_dir else False
     trainer = pl.Trainer(
         max_steps=args.steps,
-        accelerator="cpu",
+        accelerator="auto",  # the GPU where there is one
         callbacks=[forecast, PrintForecast(forecast, report)],
         logger=logger,
         enable_checkpointing=False,
