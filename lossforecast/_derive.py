@@ -104,16 +104,17 @@ def derive_priors(
     2. ``L0`` is described relative to the lowest loss seen at each cutoff.
     3. Forecasts are backtested on every run at :data:`CALIBRATION_CUTOFFS`; at each level
        of progress the model-error scale is set so that 80% intervals cover 80% of them.
+    4. Where the runs come from two or more sources, the early knots (progress up to
+       :data:`PRIOR_DOMINATED`), where a forecast rests mostly on the priors, are also
+       calibrated on each source forecast under priors from the other sources only, and
+       take the wider of the two scales: how well priors transfer to a new source is what
+       an in-sample backtest cannot see.
     """
     if len(runs) < 2:
         raise ValueError(f"deriving priors needs at least 2 runs, got {len(runs)}.")
     base_laws = base.laws if base is not None else HYPERPRIORS
-    laws = {
-        name: _aggregate(
-            [f for r in runs if (f := _run_fit(name, r, base_laws[name]))], base_laws[name]
-        )
-        for name in LAWS
-    }
+    fits = {name: [_run_fit(name, r, base_laws[name]) for r in runs] for name in LAWS}
+    laws = {name: _aggregate([f for f in fits[name] if f], base_laws[name]) for name in LAWS}
     # Calibrated in-sample: forecasts under these very priors. (Calibrating on sources held
     # out of the priors, alone or pooled with these, made the 80% intervals cover 88-96% in
     # the leave-one-source-out benchmark: with two sources left, a held-out one leaves
@@ -125,12 +126,56 @@ def derive_priors(
             [
                 t
                 for run, w in zip(runs, weights, strict=True)
-                for t in _backtests(name, run, fitted, w)
+                for t in _backtests(name, run, fitted, w, CALIBRATION_CUTOFFS)
             ]
         )
         for name in LAWS
     }
+    sources = [getattr(r, "source", None) for r in runs]
+    if None not in sources and len(set(sources)) > 1:
+        calibration = {
+            name: _widen_early(cal, _held_out_backtests(name, runs, fits[name], base_laws[name]))
+            for name, cal in calibration.items()
+        }
     return Priors(laws, calibration, provenance, {"n_runs": len(runs)})
+
+
+#: Progress up to which a forecast rests mostly on the priors (its calibration knots are
+#: checked against sources held out of the priors).
+PRIOR_DOMINATED = 0.1
+_HELD_OUT_CUTOFFS = (0.05, 0.1, 0.15, 0.25)
+
+
+def _held_out_backtests(
+    name: str, runs: Sequence[FinishedRun], fits: list, base: LawPrior
+) -> list[_Backtest]:
+    """Backtests of each source's runs under priors learned from the other sources."""
+    sources = [r.source for r in runs]
+    weights = _source_weights(runs)
+    tests = []
+    for held in dict.fromkeys(sources):
+        others = [f for f, src in zip(fits, sources, strict=True) if f and src != held]
+        if not others:
+            continue
+        priors = Priors({name: _aggregate(others, base)}, _UNCALIBRATED)
+        for run, w in zip(runs, weights, strict=True):
+            if run.source == held:
+                tests += _backtests(name, run, priors, w, _HELD_OUT_CUTOFFS)
+    return tests
+
+
+def _widen_early(cal: Calibration, held_out: list[_Backtest]) -> Calibration:
+    """``cal`` with each knot up to :data:`PRIOR_DOMINATED` at least as wide as the held-out
+    backtests need for 80% coverage under ``cal``'s own 80% multiplier."""
+    if not held_out:
+        return cal
+    wide = dict(zip(*_scales(held_out, cal.z(0.8)), strict=True))
+    scales = [
+        max(v, wide.get(k, v)) if k <= PRIOR_DOMINATED else v
+        for k, v in zip(cal.progress, cal.rel_std, strict=True)
+    ]
+    scales = list(np.maximum.accumulate(scales[::-1])[::-1])
+    return Calibration(cal.progress, tuple(float(v) for v in scales), cal.levels, cal.z_table)
 
 
 def _full_fit(name: str, run: FinishedRun, prior: LawPrior):
@@ -207,14 +252,16 @@ def _l0_table(ratio, progress, groups) -> tuple[tuple[float, float, float], ...]
     return tuple(rows)
 
 
-def _backtests(name: str, run: FinishedRun, priors: Priors, weight: float) -> list[_Backtest]:
-    """Forecasts of one run's final loss from each calibration cutoff."""
+def _backtests(
+    name: str, run: FinishedRun, priors: Priors, weight: float, cutoffs: Sequence[float]
+) -> list[_Backtest]:
+    """Forecasts of one run's final loss from each of ``cutoffs``."""
     schedule = Schedule(run.lr_schedule)
     points = backtest(
         run.steps,
         run.loss,
         schedule,
-        cutoffs=CALIBRATION_CUTOFFS,
+        cutoffs=cutoffs,
         final_step=run.final_step,
         truth=run.final_loss,
         law=name,
@@ -239,11 +286,24 @@ def _calibrate(tests: list[_Backtest]) -> Calibration:
     Then the quantiles of the standardised errors give the interval multiplier at each
     coverage level, since real forecast errors have heavier tails than a Gaussian.
     """
+    knots, scales = _scales(tests, float(norm.ppf(0.9)))
     p = np.array([t.progress for t in tests])
     e = np.abs([t.rel_error for t in tests])
     s = np.array([t.rel_fit_std for t in tests])
     weight = np.array([t.weight for t in tests])
-    z = float(norm.ppf(0.9))
+    scale_at = np.exp(np.interp(p, knots, np.log(scales)))
+    u = e / np.sqrt(s**2 + scale_at**2)
+    z_table = tuple(float(_weighted_quantile(u, weight, q)) for q in _LEVELS)
+    return Calibration(tuple(knots), tuple(float(v) for v in scales), _LEVELS, z_table)
+
+
+def _scales(tests: list[_Backtest], z: float) -> tuple[list[float], list[float]]:
+    """Knots and the non-increasing model-error scale at each, for which ``z`` times the
+    combined standard deviation covers 80% of the (weighted) backtests near the knot."""
+    p = np.array([t.progress for t in tests])
+    e = np.abs([t.rel_error for t in tests])
+    s = np.array([t.rel_fit_std for t in tests])
+    weight = np.array([t.weight for t in tests])
     knots, scales = [], []
     for k in _PROGRESS_KNOTS:
         # Backtests near the knot, weighted by distance in progress (triangular kernel).
@@ -261,11 +321,7 @@ def _calibrate(tests: list[_Backtest]) -> Calibration:
         knots.append(k)
         scales.append(hi)
     # Errors shrink as training proceeds: enforce a non-increasing scale.
-    scales = list(np.maximum.accumulate(scales[::-1])[::-1])
-    scale_at = np.exp(np.interp(p, knots, np.log(scales)))
-    u = e / np.sqrt(s**2 + scale_at**2)
-    z_table = tuple(float(_weighted_quantile(u, weight, q)) for q in _LEVELS)
-    return Calibration(tuple(knots), tuple(float(v) for v in scales), _LEVELS, z_table)
+    return knots, list(np.maximum.accumulate(scales[::-1])[::-1])
 
 
 def _weighted_quantile(

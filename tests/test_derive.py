@@ -1,6 +1,6 @@
 """Tests for deriving priors and calibration from finished runs."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ class _Run:
     lr_schedule: np.ndarray
     final_step: int
     final_loss: float
+    source: str | None = None
 
 
 def _wsd(total: int, peak: float, cooldown: float = 0.2) -> np.ndarray:
@@ -29,12 +30,14 @@ def _wsd(total: int, peak: float, cooldown: float = 0.2) -> np.ndarray:
     return lr
 
 
-def _synthetic_run(total: int, peak: float, l0: float, seed: int) -> _Run:
+def _synthetic_run(
+    total: int, peak: float, l0: float, seed: int, amp: float = 6.0, alpha: float = 0.45
+) -> _Run:
     """A curve drawn from the Multi-Power Law itself, with small noise."""
     law = MultiPowerLaw()
     lr = _wsd(total, peak)
     schedule = Schedule(lr)
-    theta = np.array([l0, 1.2, 0.45, np.log(6.0) + 0.5 * np.log(peak), -5.0, 0.7, 0.8])
+    theta = np.array([l0, 1.2, alpha, np.log(amp) + 0.5 * np.log(peak), -5.0, 0.7, 0.8])
     steps = np.arange(total // 20, total, 50)
     clean = law.predict(theta, LawInputs.at(schedule, steps))
     loss = clean + np.random.default_rng(seed).normal(0, 2e-3, len(steps))
@@ -82,3 +85,21 @@ def test_derived_priors_round_trip_and_forecast(derived):
     f = fc.forecast()
     assert f is not None
     assert f.low <= run.final_loss <= f.high
+
+
+def test_early_intervals_widen_to_what_a_held_out_source_needs():
+    # Two sources whose curves fall by very different amounts: priors learned from one
+    # forecast the other's early progress badly, which an in-sample backtest cannot see.
+    runs = [
+        replace(_synthetic_run(4000, 1e-3, 3.0, 0), source="a"),
+        replace(_synthetic_run(5000, 2e-3, 3.3, 1), source="a"),
+        replace(_synthetic_run(4000, 1e-3, 2.0, 2, amp=30.0, alpha=0.25), source="b"),
+        replace(_synthetic_run(5000, 2e-3, 2.2, 3, amp=30.0, alpha=0.25), source="b"),
+    ]
+    pooled = derive_priors([replace(r, source=None) for r in runs])
+    by_source = derive_priors(runs)
+    for law, cal in by_source.calibration.items():
+        plain = pooled.calibration[law]
+        assert cal.scale(0.05) > 2 * plain.scale(0.05), law
+        # late knots rest on the run's own data: only the source weighting differs there
+        assert cal.rel_std[-1] == pytest.approx(plain.rel_std[-1], rel=0.1)
