@@ -242,6 +242,7 @@ def main() -> None:
             for name in names[1:]
         ],
         "",
+        *_probe_cost(names, median, hook),
         "Targets: ratio <= 1.01 with the probes off, <= 1.02 with everything on. The "
         "training-thread time is all the callback does on the training thread in a step: its "
         "batch-start, before-optimizer-step and batch-end hooks and the probes' forward hooks "
@@ -260,6 +261,20 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     args.out.write_text(text)
+
+
+def _probe_cost(names: list[str], median: dict, hook: dict) -> list[str]:
+    """What the probes add on top of the callback: the two arms' difference."""
+    if len(names) < 3:
+        return []
+    base, off, on = names[0], names[1], names[2]
+    ratio = median[on] / median[off] - 1.0
+    thread = (statistics.mean(hook[on]) - statistics.mean(hook[off])) / median[base]
+    return [
+        f"The probes' own cost ({on} against {off}): step time {ratio:+.2%}, training-thread "
+        f"time {thread:+.2%} of a step (budget for the probes: 2%).",
+        "",
+    ]
 
 
 if __name__ == "__main__":
