@@ -115,7 +115,8 @@ def derive_priors(
     base_laws = base.laws if base is not None else HYPERPRIORS
     fits = {name: [_run_fit(name, r, base_laws[name]) for r in runs] for name in LAWS}
     laws = {name: _aggregate([f for f in fits[name] if f], base_laws[name]) for name in LAWS}
-    # Calibrated in-sample: forecasts under these very priors. (Calibrating on sources held
+    # Calibrated in-sample: forecasts under these very priors; only the early knots are
+    # widened from held-out sources below. (Calibrating every knot on sources held
     # out of the priors, alone or pooled with these, made the 80% intervals cover 88-96% in
     # the leave-one-source-out benchmark: with two sources left, a held-out one leaves
     # priors far weaker than the ones being calibrated.)
@@ -170,12 +171,13 @@ def _widen_early(cal: Calibration, held_out: list[_Backtest]) -> Calibration:
     if not held_out:
         return cal
     wide = dict(zip(*_scales(held_out, cal.z(0.8)), strict=True))
-    scales = [
-        max(v, wide.get(k, v)) if k <= PRIOR_DOMINATED else v
-        for k, v in zip(cal.progress, cal.rel_std, strict=True)
-    ]
-    scales = list(np.maximum.accumulate(scales[::-1])[::-1])
-    return Calibration(cal.progress, tuple(float(v) for v in scales), cal.levels, cal.z_table)
+    scales = _non_increasing(
+        [
+            max(v, wide.get(k, v)) if k <= PRIOR_DOMINATED else v
+            for k, v in zip(cal.progress, cal.rel_std, strict=True)
+        ]
+    )
+    return Calibration(cal.progress, tuple(scales), cal.levels, cal.z_table)
 
 
 def _full_fit(name: str, run: FinishedRun, prior: LawPrior):
@@ -287,10 +289,7 @@ def _calibrate(tests: list[_Backtest]) -> Calibration:
     coverage level, since real forecast errors have heavier tails than a Gaussian.
     """
     knots, scales = _scales(tests, float(norm.ppf(0.9)))
-    p = np.array([t.progress for t in tests])
-    e = np.abs([t.rel_error for t in tests])
-    s = np.array([t.rel_fit_std for t in tests])
-    weight = np.array([t.weight for t in tests])
+    p, e, s, weight = _columns(tests)
     scale_at = np.exp(np.interp(p, knots, np.log(scales)))
     u = e / np.sqrt(s**2 + scale_at**2)
     z_table = tuple(float(_weighted_quantile(u, weight, q)) for q in _LEVELS)
@@ -300,10 +299,7 @@ def _calibrate(tests: list[_Backtest]) -> Calibration:
 def _scales(tests: list[_Backtest], z: float) -> tuple[list[float], list[float]]:
     """Knots and the non-increasing model-error scale at each, for which ``z`` times the
     combined standard deviation covers 80% of the (weighted) backtests near the knot."""
-    p = np.array([t.progress for t in tests])
-    e = np.abs([t.rel_error for t in tests])
-    s = np.array([t.rel_fit_std for t in tests])
-    weight = np.array([t.weight for t in tests])
+    p, e, s, weight = _columns(tests)
     knots, scales = [], []
     for k in _PROGRESS_KNOTS:
         # Backtests near the knot, weighted by distance in progress (triangular kernel).
@@ -320,8 +316,22 @@ def _scales(tests: list[_Backtest], z: float) -> tuple[list[float], list[float]]
                 lo = mid
         knots.append(k)
         scales.append(hi)
-    # Errors shrink as training proceeds: enforce a non-increasing scale.
-    return knots, list(np.maximum.accumulate(scales[::-1])[::-1])
+    return knots, _non_increasing(scales)
+
+
+def _columns(tests: list[_Backtest]) -> tuple[NDArray[np.float64], ...]:
+    """Progress, |relative error|, relative fit std and weight of backtests, as arrays."""
+    return (
+        np.array([t.progress for t in tests]),
+        np.abs([t.rel_error for t in tests]),
+        np.array([t.rel_fit_std for t in tests]),
+        np.array([t.weight for t in tests]),
+    )
+
+
+def _non_increasing(scales: Sequence[float]) -> list[float]:
+    """Errors shrink as training proceeds: each knot's scale at least that of later ones."""
+    return [float(v) for v in np.maximum.accumulate(np.asarray(scales)[::-1])[::-1]]
 
 
 def _weighted_quantile(
