@@ -97,3 +97,17 @@ def fit_back_to_back() -> None:
     from lossforecast._background import BackgroundFitter
 
     BackgroundFitter.__init__.__kwdefaults__["max_duty"] = 1.0
+
+
+def assert_stopped_together(main: dict, other: dict, mode: str, steps: int) -> None:
+    """Both ranks ended at the same step, before ``steps``, on the main rank's decision.
+
+    ``mode`` "stop": only the main rank (the one with a monitor) gives a stop reason;
+    "prune": the other rank learned of the prune from the broadcast. Saving the checkpoint is
+    each framework's own and is checked by its test.
+    """
+    assert main["global_step"] == other["global_step"] < steps  # no rank left hanging
+    if mode == "stop":
+        assert main["stop_reason"] and other["stop_reason"] is None
+    else:
+        assert main["pruned"] and other["pruned"]
