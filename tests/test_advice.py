@@ -438,4 +438,6 @@ def test_cool_down_now_on_a_constant_run_matches_the_real_cooldown(runs):
     assert ev["whatif_low"] <= cooled.final_loss <= ev["whatif_high"]
     assert ev["whatif_loss"] == pytest.approx(cooled.final_loss, rel=0.005)
     assert ev["planned_loss"] == pytest.approx(constant.final_loss, rel=0.005)
-    assert "likely end below the planned schedule (probability 8" in advice.message
+    # the real cooldown did end 2.8% below the constant run: advised, at over 90%
+    assert "ends below the planned schedule with probability 9" in advice.message
+    assert ev["actionable"] == 1
