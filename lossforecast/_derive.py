@@ -109,8 +109,10 @@ def derive_priors(
     1. Each run's whole curve is fitted under a weak version of ``base`` (by default the
        fixed, hand-set :data:`HYPERPRIORS`, so the result depends on the runs alone); the
        prior mean of each shape parameter is the mean over sources of their median, its std
-       combines the spread within and between sources (inflated by a quarter, floored).
-    2. ``L0`` is described relative to the lowest loss seen at each cutoff.
+       combines the spread within and between sources (inflated by a quarter, floored; the
+       power law's exponent at :data:`MIN_ALPHA_STD`).
+    2. ``L0`` is described relative to the lowest loss seen at each cutoff (its std floored
+       at :data:`MIN_L0_RATIO_STD`).
     3. Forecasts are backtested on every run at :data:`CALIBRATION_CUTOFFS`; at each level
        of progress the model-error scale is set so that 80% intervals cover 80% of them.
     4. Where the runs come from two or more sources, the early knots (progress up to
