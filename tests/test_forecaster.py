@@ -19,6 +19,7 @@ from lossforecast import (
     LRAnnealingLaw,
     MultiPowerLaw,
     Schedule,
+    cooldown_schedule,
 )
 from lossforecast._laws import LawInputs
 
@@ -165,6 +166,37 @@ def test_synthetic_curve_from_the_law_is_forecast(law_name):
     assert abs(f.loss - truth) / truth < 5e-3
     wide = fc.forecast(coverage=0.95)  # one case: the 95% interval must hold it
     assert wide.low <= truth <= wide.high
+
+
+def _cyclic(total: int = T) -> np.ndarray:
+    """Cosine to 10% over the first half, a rewarm to the peak, then cosine to 10% again."""
+    half = (total - WARM) // 2
+    t = np.arange(half) / half
+    down = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))
+    rest = total - WARM - 2 * half
+    return 1e-3 * np.r_[np.linspace(0.01, 1.0, WARM), down, down, np.full(rest, 0.1)]
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "upto"),
+    [
+        (
+            "1-sqrt cooldown over 20%",
+            cooldown_schedule(_constant(), int(0.8 * T), T - int(0.8 * T)),
+            0.9,
+        ),
+        ("linear cooldown over half the run", _with_cooldown(_constant(), 0.5), 0.7),
+        ("linear decay to zero after warmup", _with_cooldown(_constant(), 1 - WARM / T), 0.5),
+        ("cosine, rewarm, cosine", _cyclic(), 0.6),
+    ],
+)
+def test_schedule_shapes_outside_the_shared_runs_are_forecast(name, lr, upto):
+    # None of these shapes is among the 51 runs the priors come from: the schedule features
+    # (a rewarm counts as a negative drop) and the fit must carry over, not the priors.
+    steps, losses, truth = _synthetic("multi-power", lr)
+    f = _fed(lr, steps, losses, upto).forecast(coverage=0.95)
+    assert abs(f.loss - truth) / truth < 0.01, name
+    assert f.low <= truth <= f.high, name
 
 
 def test_forecast_options():
