@@ -44,10 +44,11 @@ _LEVELS = (0.5, 0.8, 0.9, 0.95)
 MIN_REL_STD = 2e-3
 #: Least prior std of the power law's exponent and of ``L0`` (as a ratio to the lowest loss
 #: seen). These are what a run's own points pin down first, and what transfers worst between
-#: sources (one source's exponent was 0.77 where the others' were 0.38-0.56, and ``L0`` over
-#: the lowest loss seen so far depends on the run's length), so priors learned from other
-#: runs only keep them plausible. The annealing parameters keep their learned std: before a
-#: decay the data cannot tell them at all. Set by the leave-one-source-out accuracy benchmark.
+#: sources (one source's runs have an exponent of 0.77-0.81, the other two sources' runs
+#: 0.36-0.62; ``L0`` over the lowest loss seen so far depends on the run's length), so priors
+#: learned from other runs only keep them plausible. The annealing parameters keep their
+#: learned std: before a decay the data cannot tell them at all. Set by the
+#: leave-one-source-out accuracy benchmark.
 MIN_ALPHA_STD = 0.35
 MIN_L0_RATIO_STD = 0.15
 #: Forecaster intervals from the fit alone (no model-error term), for the backtests.
