@@ -32,7 +32,8 @@ from lossforecast._io import load_runs
 CUTOFFS = (0.1, 0.25, 0.5, 0.75, 0.9)
 TARGETS = {0.25: 0.004, 0.5: 0.0025, 0.75: 0.0015}
 LEVELS = (0.5, 0.8, 0.95)
-BASELINES = ("last smoothed value", "power law in steps", "plain LR-annealing fit")
+PLAIN = "plain LR-annealing fit"
+BASELINES = ("last smoothed value", "power law in steps", PLAIN)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,9 +102,7 @@ def run_benchmark(data_dir: Path, laws: tuple[str, ...]) -> list[dict]:
                     forecasts = {
                         "last smoothed value": last_smoothed(s, y, run.final_step),
                         "power law in steps": power_law_in_steps(schedule, s, y, run.final_step),
-                        "plain LR-annealing fit": plain_lr_annealing(
-                            schedule, s, y, run.final_step, fixed_c
-                        ),
+                        PLAIN: plain_lr_annealing(schedule, s, y, run.final_step, fixed_c),
                     }
                 for name in BASELINES:
                     f = forecasts.get(name)
@@ -146,10 +145,9 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
             cells.append(f"{_pct(med)} / {_pct(p90)}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     # Like for like: the plain fit gives no answer on the runs with the fewest points.
-    plain = BASELINES[-1]
     for m in methods:
         for c in CUTOFFS:
-            answered = {r["run"] for r in by[(plain, c)] if "error" in r}
+            answered = {r["run"] for r in by[(PLAIN, c)] if "error" in r}
             e = np.abs([r["error"] for r in by[(m, c)] if "error" in r and r["run"] in answered])
             summary[f"{m}|{c}|on_plain_runs"] = float(np.median(e)) if e.size else np.nan
 
@@ -208,15 +206,14 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
 
 def check_targets(summary: dict, method: str) -> list[str]:
     out = []
-    plain = "plain LR-annealing fit"
     for c in CUTOFFS:
         med = summary[f"{method}|{c}"]["median"]
         p90 = summary[f"{method}|{c}"]["p90"]
-        base = summary[f"{plain}|{c}"]["median"]
+        base = summary[f"{PLAIN}|{c}"]["median"]
         same = summary[f"{method}|{c}|on_plain_runs"]
         checks = [
             f"≤ half the plain fit's {_pct(base)}: {'yes' if med <= base / 2 else 'NO'}"
-            f" (on the {summary[f'{plain}|{c}']['n']} runs it answers: {_pct(same)},"
+            f" (on the {summary[f'{PLAIN}|{c}']['n']} runs it answers: {_pct(same)},"
             f" {'yes' if same <= base / 2 else 'NO'})"
         ]
         if c in TARGETS:

@@ -51,6 +51,7 @@ MIN_REL_STD = 2e-3
 #: leave-one-source-out accuracy benchmark.
 MIN_ALPHA_STD = 0.35
 MIN_L0_RATIO_STD = 0.15
+_MIN_PRIOR_STD = {"alpha": MIN_ALPHA_STD}
 #: Forecaster intervals from the fit alone (no model-error term), for the backtests.
 _UNCALIBRATED = {
     name: Calibration((0.0, 1.0), (1e-12, 1e-12), (0.8,), (float(norm.ppf(0.9)),)) for name in LAWS
@@ -247,7 +248,7 @@ def _aggregate(fits: list[_RunFit], base: LawPrior) -> LawPrior:
     for p in base.mean:
         centre, spread = _balanced(np.array([f.theta[p] for f in fits]), groups)
         mean[p] = centre
-        std[p] = max(1.25 * spread, 0.5 * base.std[p], MIN_ALPHA_STD if p == "alpha" else 0.0)
+        std[p] = max(1.25 * spread, 0.5 * base.std[p], _MIN_PRIOR_STD.get(p, 0.0))
     ratio = np.array([r for f in fits for r in f.l0_ratio])
     progress = np.array([q for f in fits for q in f.l0_progress])
     l0_groups = [f.source for f in fits for _ in f.l0_ratio]

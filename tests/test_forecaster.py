@@ -27,9 +27,13 @@ T = 10_000
 WARM = 500
 
 
+def _cosine_to_10pct(n: int) -> np.ndarray:
+    """Relative LR of a cosine decay from 1 to 0.1 over ``n`` steps."""
+    return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * np.arange(n) / n))
+
+
 def _cosine(total: int = T) -> np.ndarray:
-    t = np.arange(total - WARM) / (total - WARM)
-    return 1e-3 * np.r_[np.linspace(0.01, 1.0, WARM), 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))]
+    return 1e-3 * np.r_[np.linspace(0.01, 1.0, WARM), _cosine_to_10pct(total - WARM)]
 
 
 def _constant(total: int = T) -> np.ndarray:
@@ -171,8 +175,7 @@ def test_synthetic_curve_from_the_law_is_forecast(law_name):
 def _cyclic(total: int = T) -> np.ndarray:
     """Cosine to 10% over the first half, a rewarm to the peak, then cosine to 10% again."""
     half = (total - WARM) // 2
-    t = np.arange(half) / half
-    down = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))
+    down = _cosine_to_10pct(half)
     rest = total - WARM - 2 * half
     return 1e-3 * np.r_[np.linspace(0.01, 1.0, WARM), down, down, np.full(rest, 0.1)]
 
