@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _baselines import last_smoothed, plain_lr_annealing, power_law_in_steps
@@ -184,6 +186,7 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
                 cells.append(f"{np.mean(v):.2f}" if v else "–")
                 if v:
                     summary[f"{m}|{c}|{key}"] = float(np.mean(v))
+                    summary[f"{m}|{c}|{key}_n"] = len(v)
             if any(c != "–" for c in cells):
                 lines.append(f"| {m} | {int(q * 100)}% | " + " | ".join(cells) + " |")
         cells = []
@@ -204,6 +207,15 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def calibrated_range(n: int) -> tuple[float, float, float]:
+    """What an exactly calibrated 80% interval shows on ``n`` independent runs: the 5-95%
+    range of its coverage, and the probability that the coverage lands in [0.75, 0.85]."""
+    if n == 0:
+        return np.nan, np.nan, np.nan
+    inside = binom.cdf(math.floor(0.85 * n), n, 0.8) - binom.cdf(math.ceil(0.75 * n) - 1, n, 0.8)
+    return binom.ppf(0.05, n, 0.8) / n, binom.ppf(0.95, n, 0.8) / n, float(inside)
+
+
 def check_targets(summary: dict, method: str) -> list[str]:
     out = []
     for c in CUTOFFS:
@@ -220,8 +232,11 @@ def check_targets(summary: dict, method: str) -> list[str]:
             checks.insert(0, f"median ≤ {_pct(TARGETS[c])}: {'yes' if med <= TARGETS[c] else 'NO'}")
         checks.append(f"p90 ≤ 3× median: {'yes' if p90 <= 3 * med else 'NO'}")
         cov = summary.get(f"{method}|{c}|cov80", np.nan)
+        lo, hi, chance = calibrated_range(summary.get(f"{method}|{c}|cov80_n", 0))
         checks.append(
-            f"80% coverage in [0.75, 0.85]: {'yes' if 0.75 <= cov <= 0.85 else 'NO'} ({cov:.3f})"
+            f"80% coverage in [0.75, 0.85]: {'yes' if 0.75 <= cov <= 0.85 else 'NO'} ({cov:.3f};"
+            f" an exactly calibrated interval shows {lo:.2f}-{hi:.2f} on these runs nine times"
+            f" in ten, and lands in [0.75, 0.85] with probability {chance:.2f})"
         )
         unanswered = summary[f"{method}|{c}|unanswered_with_data"]
         checks.append(
