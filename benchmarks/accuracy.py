@@ -129,7 +129,6 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
     for r in rows:
         by[(r["method"], r["cutoff"])].append(r)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    families = sorted({r["family"] for r in rows})
     lines, summary = [], {}
 
     lines.append(
@@ -153,23 +152,10 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
             e = np.abs([r["error"] for r in by[(m, c)] if "error" in r and r["run"] in answered])
             summary[f"{m}|{c}|on_plain_runs"] = float(np.median(e)) if e.size else np.nan
 
-    lines.append("\n## Median |relative error| per schedule family\n")
-    lines.append(
-        "| method | family | runs | " + " | ".join(f"{int(c * 100)}%" for c in CUTOFFS) + " |"
-    )
-    lines.append("|---|---|---|" + "---|" * len(CUTOFFS))
-    for m in methods:
-        for fam in families:
-            cells = []
-            n_runs = len({r["run"] for r in rows if r["method"] == m and r["family"] == fam})
-            for c in CUTOFFS:
-                e = np.abs([r["error"] for r in by[(m, c)] if r["family"] == fam and "error" in r])
-                cells.append(
-                    f"{_pct(float(np.median(e)))} / {_pct(float(np.percentile(e, 90)))}"
-                    if e.size
-                    else "–"
-                )
-            lines.append(f"| {m} | {fam} | {n_runs} | " + " | ".join(cells) + " |")
+    lines += _group_table(rows, by, methods, "family", "schedule family")
+    # Held out one at a time, each source is a new model, dataset and schedule set: the
+    # signed median shows what transfers between sources and what does not.
+    lines += _group_table(rows, by, methods, "source", "held-out source", signed=True)
 
     lines.append(
         "\n## Interval coverage (share of runs whose final loss lies in the interval)"
@@ -204,6 +190,35 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
                 f"- {m}: {np.median(t):.1f} ms (90th percentile {np.percentile(t, 90):.1f} ms)"
             )
     return "\n".join(lines), summary
+
+
+def _group_table(
+    rows: list[dict], by: dict, methods: list[str], key: str, title: str, *, signed: bool = False
+) -> list[str]:
+    """Median / 90th-percentile |error| of each method per value of ``key`` (a row field);
+    with ``signed``, also the median signed error (positive: the forecast was too high)."""
+    head = "median / p90 (signed median)" if signed else "median / p90"
+    lines = [f"\n## |Relative error| per {title}: {head}\n"]
+    cutoffs = " | ".join(f"{int(c * 100)}%" for c in CUTOFFS)
+    lines.append(f"| method | {key} | runs | {cutoffs} |")
+    lines.append("|---|---|---|" + "---|" * len(CUTOFFS))
+    for m in methods:
+        for g in sorted({r[key] for r in rows}):
+            n_runs = len({r["run"] for r in rows if r["method"] == m and r[key] == g})
+            cells = [
+                _cell([r["error"] for r in by[(m, c)] if r[key] == g and "error" in r], signed)
+                for c in CUTOFFS
+            ]
+            lines.append(f"| {m} | {g} | {n_runs} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(errors: list[float], signed: bool) -> str:
+    if not errors:
+        return "–"
+    e = np.abs(errors)
+    text = f"{_pct(float(np.median(e)))} / {_pct(float(np.percentile(e, 90)))}"
+    return text + (f" ({100 * float(np.median(errors)):+.2f}%)" if signed else "")
 
 
 def calibrated_range(n: int) -> tuple[float, float, float]:
