@@ -214,6 +214,7 @@ def _group_table(
 
 
 def _cell(errors: list[float], signed: bool) -> str:
+    """One table cell: median / p90 of |error|, and with ``signed`` the signed median."""
     if not errors:
         return "–"
     e = np.abs(errors)
