@@ -10,7 +10,9 @@ for both laws, with 2,000 observed points spread over the first 60% of the run:
   would cost more than the call itself);
 * ``first fit`` -- the first fit (multi-start), once;
 * ``refit`` -- median and 90th percentile over 25 refits, each after 10 new points
-  (the warm-started refit a training loop pays).
+  (the warm-started refit a training loop pays);
+* ``forecast`` -- median over batches of 20 calls of ``forecast(refit=False)`` on the last
+  fit: reading the final-loss forecast with its interval, which needs no fit.
 
 A fit holds BLAS to one thread itself (``lossforecast._fit``: SciPy's L-BFGS-B calls BLAS
 on tiny matrices, where threads only add synchronisation, badly so when training keeps the
@@ -42,6 +44,8 @@ N_POINTS = 2_000
 N_UPDATE_BATCHES = 200
 BATCH = 1_000
 N_REFITS = 25
+N_FORECAST_BATCHES = 50
+FORECAST_BATCH = 20
 UPDATE_TARGET_US = 5.0
 REFIT_TARGET_MS = 50.0
 
@@ -111,10 +115,17 @@ def measure(schedule: str, law: str) -> dict:
         t0 = time.perf_counter()
         ok = fc.refit()
         refits.append(time.perf_counter() - t0)
+    reads = []
+    for _ in range(N_FORECAST_BATCHES):
+        t0 = time.perf_counter()
+        for _ in range(FORECAST_BATCH):
+            fc.forecast(refit=False)
+        reads.append((time.perf_counter() - t0) / FORECAST_BATCH * 1e6)
     return {
         "schedule": schedule,
         "law": law,
         "update_us": statistics.median(per_call),
+        "forecast_us": statistics.median(reads),
         "first_fit_ms": first * 1e3,
         "refit_ms": statistics.median(refits) * 1e3,
         "refit_p90_ms": float(np.percentile(refits, 90)) * 1e3,
@@ -142,15 +153,15 @@ def _ok(value: float, target: float) -> str:
 def table(results: list[dict]) -> str:
     head = (
         "| schedule | law | update (µs/call) | < 5 µs | first fit (ms) "
-        "| refit median (ms) | refit p90 (ms) | < 50 ms |"
+        "| refit median (ms) | refit p90 (ms) | < 50 ms | forecast (µs/call) |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
     for r in results:
         lines.append(
             f"| {r['schedule']} | {r['law']} | {r['update_us']:.2f} | "
             f"{_ok(r['update_us'], UPDATE_TARGET_US)} | {r['first_fit_ms']:.1f} | "
             f"{r['refit_ms']:.1f} | {r['refit_p90_ms']:.1f} | "
-            f"{_ok(r['refit_ms'], REFIT_TARGET_MS)} |"
+            f"{_ok(r['refit_ms'], REFIT_TARGET_MS)} | {r['forecast_us']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{schedule:14s} {law:13s} update {r['update_us']:.2f} µs  "
                 f"first fit {r['first_fit_ms']:.1f} ms  refit {r['refit_ms']:.1f} ms "
-                f"(p90 {r['refit_p90_ms']:.1f})  ok={r['fit_ok']}",
+                f"(p90 {r['refit_p90_ms']:.1f})  forecast {r['forecast_us']:.0f} µs  "
+                f"ok={r['fit_ok']}",
                 flush=True,
             )
     text = table(results)
@@ -194,7 +206,8 @@ Setup: {TOTAL:,}-step schedules (warmup + cosine to 10%; WSD with a 20% linear c
 `update` is the median over {N_UPDATE_BATCHES} batches of {BATCH:,} calls; the refits follow
 {N_POINTS:,} points spread over the first 60% of the run, each after 10 new points
 ({N_REFITS} refits, warm-started); "first fit" is the first, multi-start fit. Each fit holds
-BLAS to one thread itself.
+BLAS to one thread itself. "forecast" is the median over {N_FORECAST_BATCHES} batches of
+{FORECAST_BATCH} calls of `forecast(refit=False)` on the last fit (no fitting).
 
 {text}
 

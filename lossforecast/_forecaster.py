@@ -368,8 +368,14 @@ class Forecaster:
         )
 
     def _predict(self, fitted: _Fitted, schedule: Schedule, steps, coverage: float):
-        """Point forecasts and intervals: the fit's uncertainty plus the calibrated model error."""
-        y, jac = fitted.law.predict_jac(fitted.result.params, LawInputs.at(schedule, steps))
+        """Point forecasts and intervals: the fit's uncertainty, the law's shape error on the
+        annealing drop still to come, and the calibrated model error."""
+        # One evaluation at the last observed step and at ``steps``: the annealing drop still
+        # to come is the difference between the two.
+        x = LawInputs.at(schedule, np.r_[fitted.observed_step, steps])
+        y_all, jac = fitted.law.predict_jac(fitted.result.params, x)
+        drop = fitted.law.annealing_drop(fitted.result.params, x, y_all)
+        y, jac = y_all[1:], jac[1:]
         var_fit = np.einsum("ij,jk,ik->i", jac, fitted.covariance, jac)
         cal = self.priors.calibration[fitted.law.name]
         z = cal.z(coverage)
@@ -378,7 +384,8 @@ class Forecaster:
         rel = cal.scale(fitted.progress) * np.minimum(
             horizon / max(1.0 - fitted.progress, 1e-9), 1.0
         )
-        half = z * np.sqrt(np.maximum(var_fit, 0.0) + (rel * y) ** 2)
+        shape = cal.drop_share * np.maximum(drop[1:] - drop[0], 0.0)
+        half = z * np.sqrt(np.maximum(var_fit, 0.0) + (rel * y) ** 2 + shape**2)
         return y, y - half, y + half
 
     # ------------------------------------------------------------------ state

@@ -8,7 +8,7 @@ space (logs of positive scales) so bounds are simple boxes and priors are Gaussi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -58,6 +58,14 @@ class Law(ABC):
     def predict(self, theta: NDArray[np.float64], x: LawInputs) -> NDArray[np.float64]:
         """Losses at ``x.steps``."""
         return self.predict_jac(theta, x)[0]
+
+    def annealing_drop(
+        self, theta: NDArray[np.float64], x: LawInputs, y: NDArray[np.float64] | None = None
+    ) -> NDArray[np.float64]:
+        """How far the LR decreases so far have lowered the loss at ``x.steps``; ``y`` is
+        :meth:`predict` at ``x`` where the caller has it already."""
+        constant = replace(x, decrements=x.decrements.upto(-1))
+        return self.predict(theta, constant) - (self.predict(theta, x) if y is None else y)
 
 
 def _power_bounds(loss_floor: float) -> list[tuple[float, float]]:

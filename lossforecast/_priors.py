@@ -64,7 +64,10 @@ class Calibration:
 
     ``scale(p)`` is the standard deviation of ``(forecast - truth) / truth`` not explained
     by the fit's own uncertainty, at progress ``p`` (share of the planned forward area seen),
-    interpolated log-linearly between the knots. ``z(coverage)`` is the multiplier of the
+    interpolated log-linearly between the knots. ``drop_share`` is the standard deviation
+    of the law's annealing drop still to come, as a share of it: the law's shape error on a
+    cooldown it has not seen, which no fit of the run's own points can measure (0 in files
+    written before it existed). ``z(coverage)`` is the multiplier of the
     combined standard deviation that covers the truth with that probability; the backtests'
     errors have heavier tails than a Gaussian, so it is read from their quantiles at
     ``levels`` and interpolated as a ratio to the Gaussian multiplier in between.
@@ -74,6 +77,7 @@ class Calibration:
     rel_std: tuple[float, ...]
     levels: tuple[float, ...]
     z_table: tuple[float, ...]
+    drop_share: float = 0.0
 
     def scale(self, progress: float) -> float:
         p = float(np.clip(progress, self.progress[0], self.progress[-1]))
@@ -120,7 +124,11 @@ class Priors:
         }
         cal = {
             name: Calibration(
-                tuple(c["progress"]), tuple(c["rel_std"]), tuple(c["levels"]), tuple(c["z"])
+                tuple(c["progress"]),
+                tuple(c["rel_std"]),
+                tuple(c["levels"]),
+                tuple(c["z"]),
+                c.get("drop_share", 0.0),
             )
             for name, c in d["calibration"].items()
         }
@@ -154,6 +162,7 @@ class Priors:
                     "rel_std": list(c.rel_std),
                     "levels": list(c.levels),
                     "z": list(c.z_table),
+                    "drop_share": c.drop_share,
                 }
                 for n, c in self.calibration.items()
             },

@@ -18,6 +18,7 @@ from lossforecast import (
     Forecaster,
     LRAnnealingLaw,
     MultiPowerLaw,
+    Priors,
     Schedule,
     cooldown_schedule,
 )
@@ -230,6 +231,38 @@ def test_refit_false_uses_the_latest_fit():
     first = fc.forecast(refit=False)
     fc.update(int(steps[-1]), float(losses[-1]))  # new data: a refit=False forecast ignores it
     assert fc.forecast(refit=False) == first
+
+
+def _with_drop_share(share: float) -> Priors:
+    priors = Priors.default()
+    cal = dataclasses.replace(priors.calibration["multi-power"], drop_share=share)
+    return priors.with_law("multi-power", priors.laws["multi-power"], calibration=cal)
+
+
+def test_interval_holds_the_law_shape_error_on_the_drop_still_to_come():
+    """Before a cooldown the interval widens by ``drop_share`` of the drop the fitted law
+    expects from it; where no decrease lies ahead (a constant what-if, a step already
+    seen) nothing changes."""
+    lr = _with_cooldown(_constant())
+    steps, losses, _ = _synthetic("multi-power", lr)
+    plain = _fed(lr, steps, losses, 0.6, priors=_with_drop_share(0.0))
+    shaped = _fed(lr, steps, losses, 0.6, priors=_with_drop_share(0.3))
+    a, b = plain.forecast(), shaped.forecast()
+    assert a.loss == b.loss and a.observed_step == b.observed_step
+    params = shaped._fitted.result.params
+    x = LawInputs.at(Schedule(lr), np.array([a.observed_step, T - 1]))
+    ahead = np.diff(MultiPowerLaw().annealing_drop(params, x))[0]
+    assert ahead > 0.01  # the cooldown is still to come
+    z = shaped.priors.calibration["multi-power"].z(0.8)
+    half_a, half_b = a.high - a.loss, b.high - b.loss
+    assert half_b**2 - half_a**2 == pytest.approx((z * 0.3 * ahead) ** 2, rel=1e-6)
+
+    def band(f: Forecast) -> tuple[float, float, float]:
+        return f.low, f.loss, f.high
+
+    seen = a.observed_step - 100
+    assert band(plain.forecast(step=seen)) == band(shaped.forecast(step=seen))
+    assert band(plain.what_if(_constant())) == band(shaped.what_if(_constant()))
 
 
 # ---------------------------------------------------------------------------- what-if

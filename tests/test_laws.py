@@ -77,11 +77,21 @@ def test_bounds_match_params(law_cls):
     assert bounds[law.params.index("L0")][1] == 2.5
 
 
-def _annealing_drop(law, theta: np.ndarray, x: LawInputs) -> np.ndarray:
-    """Loss removed by the LR decreases: the prediction without minus with the annealing term."""
+def _without_annealing(law, theta: np.ndarray, x: LawInputs) -> np.ndarray:
+    """Reference: the prediction with the annealing amplitude set to zero."""
     off = theta.copy()
     off[law.params.index("log_amp")] = -800.0  # exp(-800) == 0.0
-    return law.predict(off, x) - law.predict(theta, x)
+    return law.predict(off, x)
+
+
+@pytest.mark.parametrize("law_cls", [LRAnnealingLaw, MultiPowerLaw])
+@pytest.mark.parametrize("lr_fn", [_wsd, _cosine, _step_rewarm])
+def test_annealing_drop_is_the_loss_the_annealing_term_removes(law_cls, lr_fn):
+    law = law_cls()
+    theta = _random_theta(law, np.random.default_rng(5))
+    x = LawInputs.at(Schedule(lr_fn()), np.arange(0, 3000, 37))
+    expected = _without_annealing(law, theta, x) - law.predict(theta, x)
+    np.testing.assert_allclose(law.annealing_drop(theta, x), expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("law_cls", [LRAnnealingLaw, MultiPowerLaw])
@@ -92,10 +102,8 @@ def test_cooldown_lowers_the_loss(law_cls):
     theta = _random_theta(law, rng)
     wsd, const = Schedule(_wsd()), Schedule(np.r_[_wsd()[:150], np.ones(2850)])
     end = np.array([2999])
-    drop_wsd = _annealing_drop(law, theta, LawInputs.at(wsd, end))
-    drop_const = _annealing_drop(law, theta, LawInputs.at(const, end))
-    assert drop_wsd[0] > 0
-    assert drop_const[0] == pytest.approx(0.0, abs=1e-12)
+    assert law.annealing_drop(theta, LawInputs.at(wsd, end))[0] > 0
+    assert law.annealing_drop(theta, LawInputs.at(const, end))[0] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_registry_names():

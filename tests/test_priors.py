@@ -30,6 +30,14 @@ def test_round_trip_through_json(tmp_path):
     assert again.to_dict() == priors.to_dict()
 
 
+def test_files_written_before_the_drop_share_read_as_zero():
+    d = Priors.default().to_dict()
+    assert all(c["drop_share"] > 0 for c in d["calibration"].values())
+    for c in d["calibration"].values():
+        del c["drop_share"]
+    assert all(c.drop_share == 0.0 for c in Priors.from_dict(d).calibration.values())
+
+
 def test_wrong_version_is_rejected():
     d = Priors.default().to_dict()
     d["version"] = 99
