@@ -1,11 +1,11 @@
-"""Measure how far the Multi-Power Law's shape misses a cooldown: ``DROP_SHARE``'s source.
+"""Measure how far a law's shape misses a cooldown: the source of ``DROP_SHARE``.
 
-Run: ``python scripts/measure_drop_share.py [--data ../shared/data]``.
+Run: ``python scripts/measure_drop_share.py [--data ../shared/data] [--law multi-power]``.
 All runs of one model at one peak LR (one source) are fitted with one parameter set, so the
 law must explain every schedule at once; each run's final-loss error is then read as a share
 of the drop the law's annealing term gives at its final step. No fit to a run's own prefix
 can see this error: it is the law's, not the data's. The printed source-balanced RMS share is
-what ``lossforecast._derive.DROP_SHARE`` is set to.
+what ``lossforecast._derive.DROP_SHARE`` holds for the law.
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ from scipy.optimize import least_squares
 
 from lossforecast import Priors, Schedule
 from lossforecast._io import Run, load_runs
-from lossforecast._laws import LawInputs, MultiPowerLaw
+from lossforecast._laws import LAWS, Law, LawInputs
 from lossforecast._observations import Observations
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Runs whose law-predicted drop is below this share of the loss (constant LR) are not scored.
 MIN_DROP = 0.005
+#: Per law, the annealing shape parameter the data pin least, and the values it starts from.
+_SHAPE_STARTS = {
+    "multi-power": ("gamma", (0.3, 0.6, 1.0)),
+    "lr-annealing": ("log_tau", tuple(np.log([100.0, 1e3, 1e4]))),
+}
 
 
 def _binned(run: Run, schedule: Schedule) -> tuple[LawInputs, np.ndarray]:
@@ -36,9 +41,8 @@ def _binned(run: Run, schedule: Schedule) -> tuple[LawInputs, np.ndarray]:
     return LawInputs.at(schedule, b.step), b.loss
 
 
-def joint_fit(runs: list[Run]) -> np.ndarray:
-    """One Multi-Power-Law parameter vector for all ``runs`` (robust, every run weighted alike)."""
-    law = MultiPowerLaw()
+def joint_fit(law: Law, runs: list[Run]) -> np.ndarray:
+    """One parameter vector of ``law`` for all ``runs`` (robust, every run weighted alike)."""
     data = [_binned(r, Schedule(r.lr_schedule)) for r in runs]
     floor = min(float(y.min()) for _, y in data)
     lo, hi = (np.array(b) for b in zip(*law.bounds(floor), strict=True))
@@ -53,12 +57,13 @@ def joint_fit(runs: list[Run]) -> np.ndarray:
         )
 
     x0, y0 = data[0]
+    shape, values = _SHAPE_STARTS[law.name]
     best = None
-    for alpha in (0.3, 0.5, 0.8):  # multi-start over the two shape exponents the data pin least
-        for gamma in (0.3, 0.6, 1.0):
+    for alpha in (0.3, 0.5, 0.8):  # multi-start over the two shape parameters the data pin least
+        for value in values:
             start = np.array([prior.mean.get(p, 0.0) for p in law.params])
             start[:3] = 0.8 * floor, np.log(y0[0] - 0.8 * floor) + alpha * np.log(x0.area[0]), alpha
-            start[law.params.index("gamma")] = gamma
+            start[law.params.index(shape)] = value
             fit = least_squares(
                 residuals,
                 np.clip(start, lo + 1e-6, hi - 1e-6),
@@ -76,18 +81,19 @@ def joint_fit(runs: list[Run]) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--law", choices=sorted(LAWS), default="multi-power")
     args = ap.parse_args(argv)
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in load_runs(args.data):
         groups[run.source, run.model, float(np.max(run.lr_schedule))].append(run)
-    law = MultiPowerLaw()
+    law = LAWS[args.law]()
     shares: dict[str, list[float]] = defaultdict(list)
     print("| run | schedule | final-loss error | law's drop | error / drop |")
     print("|---|---|---|---|---|")
     for (source, _, _), runs in groups.items():
         if len(runs) < 2:
             continue
-        theta = joint_fit(runs)
+        theta = joint_fit(law, runs)
         for run in runs:
             end = LawInputs.at(Schedule(run.lr_schedule), np.array([run.final_step]))
             error = float(law.predict(theta, end)[0]) - run.final_loss

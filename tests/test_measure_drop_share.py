@@ -7,12 +7,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
-from lossforecast import MultiPowerLaw, Schedule
+from lossforecast import LRAnnealingLaw, MultiPowerLaw, Schedule
 from lossforecast._laws import LawInputs
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "measure_drop_share.py"
-THETA = np.array([2.5, 3.78, 0.47, -1.65, -5.0, 0.7, 0.8])
+THETA = {
+    MultiPowerLaw: np.array([2.5, 3.78, 0.47, -1.65, -5.0, 0.7, 0.8]),
+    LRAnnealingLaw: np.array([2.5, 3.78, 0.47, -8.0, 6.0]),
+}
 T, WARM = 8000, 400
 
 
@@ -34,12 +38,13 @@ def _schedules() -> dict[str, np.ndarray]:
     }
 
 
-def test_joint_fit_of_curves_from_the_law_leaves_no_shape_error():
-    law, rng = MultiPowerLaw(), np.random.default_rng(0)
+@pytest.mark.parametrize("law_cls", [MultiPowerLaw, LRAnnealingLaw])
+def test_joint_fit_of_curves_from_the_law_leaves_no_shape_error(law_cls):
+    law, theta_true, rng = law_cls(), THETA[law_cls], np.random.default_rng(0)
     runs = []
     for lr in _schedules().values():
         steps = np.arange(WARM + 20, T, 20)
-        loss = law.predict(THETA, LawInputs.at(Schedule(lr), steps))
+        loss = law.predict(theta_true, LawInputs.at(Schedule(lr), steps))
         runs.append(
             SimpleNamespace(
                 steps=steps,
@@ -49,10 +54,10 @@ def test_joint_fit_of_curves_from_the_law_leaves_no_shape_error():
                 final_loss=float(loss[-1]),
             )
         )
-    theta = _script().joint_fit(runs)
+    theta = _script().joint_fit(law, runs)
     for run in runs[1:]:  # the annealed ones
         end = LawInputs.at(Schedule(run.lr_schedule), np.array([run.final_step]))
         error = float(law.predict(theta, end)[0]) - run.final_loss
-        drop = float(law.annealing_drop(THETA, end)[0])
+        drop = float(law.annealing_drop(theta_true, end)[0])
         assert drop > 0.05
         assert abs(error) < 0.01 * drop
