@@ -17,6 +17,10 @@ __all__ = ["FitStatus", "FitResult", "GaussianPrior", "fit_law", "PRIOR_BOUND_SI
 
 #: Parameters with a prior are also kept within this many prior stds of its mean.
 PRIOR_BOUND_SIGMAS = 4.0
+#: L-BFGS-B iterations per start. At 200, 7% of the accuracy benchmark's fits stopped short
+#: of convergence, and their forecasts were worse (coverage at 75% of training 0.86, 0.84
+#: once they converge); a converging fit stops long before the cap.
+MAX_ITER = 1000
 
 
 class FitStatus(enum.IntEnum):
@@ -104,7 +108,7 @@ def fit_law(
     *,
     prior: GaussianPrior | None = None,
     huber_delta: float = 1.5,
-    max_iter: int = 200,
+    max_iter: int = MAX_ITER,
 ) -> FitResult:
     """Fit ``law`` to losses ``y`` (noise ``sigma``) from each start; keep the best.
 
