@@ -14,7 +14,7 @@ from ._backtest import backtest
 from ._fit import fit_law
 from ._forecaster import _bin_noise, _initial_starts
 from ._laws import LAWS, LawInputs
-from ._observations import Observations
+from ._observations import Binned, Observations
 from ._priors import Calibration, LawPrior, Priors
 from ._schedule import Schedule
 
@@ -203,15 +203,20 @@ def _widen_early(cal: Calibration, held_out: list[_Backtest]) -> Calibration:
     return Calibration(cal.progress, tuple(scales), cal.levels, cal.z_table, cal.drop_share)
 
 
-def _full_fit(name: str, run: FinishedRun, prior: LawPrior):
-    """Fit the law to a run's whole curve after warmup under a weakened prior."""
-    law = LAWS[name]()
-    schedule = Schedule(run.lr_schedule)
+def whole_curve(run: FinishedRun, schedule: Schedule) -> Binned:
+    """A finished run's points after warmup up to its final step, binned like a forecaster's."""
     obs = Observations(128)
     keep = (run.steps > schedule.warmup_steps) & (run.steps <= run.final_step)
     for s, y in zip(run.steps[keep], run.loss[keep], strict=False):
         obs.add(int(s), float(y))
-    binned = obs.binned()
+    return obs.binned()
+
+
+def _full_fit(name: str, run: FinishedRun, prior: LawPrior):
+    """Fit the law to a run's whole curve after warmup under a weakened prior."""
+    law = LAWS[name]()
+    schedule = Schedule(run.lr_schedule)
+    binned = whole_curve(run, schedule)
     min_loss = float(binned.loss.min())
     weak = LawPrior(
         prior.mean,

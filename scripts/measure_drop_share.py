@@ -18,9 +18,9 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from lossforecast import Priors, Schedule
+from lossforecast._derive import whole_curve
 from lossforecast._io import Run, load_runs
 from lossforecast._laws import LAWS, Law, LawInputs
-from lossforecast._observations import Observations
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Runs whose law-predicted drop is below this share of the loss (constant LR) are not scored.
@@ -33,11 +33,7 @@ _SHAPE_STARTS = {
 
 
 def _binned(run: Run, schedule: Schedule) -> tuple[LawInputs, np.ndarray]:
-    keep = (run.steps > schedule.warmup_steps) & (run.steps <= run.final_step)
-    obs = Observations(128)
-    for step, loss in zip(run.steps[keep], run.loss[keep], strict=True):
-        obs.add(int(step), float(loss))
-    b = obs.binned()
+    b = whole_curve(run, schedule)
     return LawInputs.at(schedule, b.step), b.loss
 
 
