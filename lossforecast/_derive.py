@@ -56,8 +56,8 @@ _MIN_PRIOR_STD = {"alpha": MIN_ALPHA_STD}
 #: far the law's shape misses the drop of a schedule, which a fit to one run's prefix cannot
 #: see. Measured by ``scripts/measure_drop_share.py``: each law fitted jointly to all runs of
 #: one model and peak LR misses their final losses by an RMS share of its drop of 0.056 (the
-#: Multi-Power Law; 0.062, 0.070 and 0.037 in the three shared sources, up to 0.5% of the
-#: loss) and 0.074 (the LR-annealing law; 0.084, 0.103, 0.034).
+#: Multi-Power Law; 0.062, 0.070 and 0.037 in the three shared sources, up to 0.55% of
+#: the loss) and 0.074 (the LR-annealing law; 0.084, 0.103, 0.034).
 DROP_SHARE = {"multi-power": 0.06, "lr-annealing": 0.07}
 #: Forecaster intervals from the fit and the law's shape alone (no model-error scale), for
 #: the backtests that set that scale.
