@@ -182,6 +182,8 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
             cells.append(f"{none} ({empty} no data)" if empty else str(none))
         lines.append(f"| {m} | no answer | " + " | ".join(cells) + " |")
 
+    lines += _law_mixtures(rows, [m for m in methods if m.startswith("lossforecast (")])
+
     lines.append("\n## Refit time (median ms over all backtest fits)\n")
     for m in methods:
         t = [r["fit_ms"] for r in rows if r["method"] == m and "fit_ms" in r]
@@ -190,6 +192,33 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
                 f"- {m}: {np.median(t):.1f} ms (90th percentile {np.percentile(t, 90):.1f} ms)"
             )
     return "\n".join(lines), summary
+
+
+MIXTURE_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def _law_mixtures(rows: list[dict], laws: list[str]) -> list[str]:
+    """Median / p90 |error| of weighted averages of two laws' forecasts of the same runs:
+    whether averaging the laws beats choosing one is a question for the backtests."""
+    if len(laws) != 2:
+        return []
+    error = {(r["method"], r["run"], r["cutoff"]): r["error"] for r in rows if "error" in r}
+    lines = [
+        f"\n## Averaging the laws: w × {laws[0]} + (1 − w) × {laws[1]}, median / p90\n",
+        "| w | " + " | ".join(f"{int(c * 100)}%" for c in CUTOFFS) + " |",
+        "|---|" + "---|" * len(CUTOFFS),
+    ]
+    for w in MIXTURE_WEIGHTS:
+        cells = []
+        for c in CUTOFFS:
+            mixed = [
+                w * e + (1 - w) * error[(laws[1], run, cut)]
+                for (m, run, cut), e in error.items()
+                if m == laws[0] and cut == c and (laws[1], run, cut) in error
+            ]
+            cells.append(_cell(mixed, signed=False))
+        lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _group_table(

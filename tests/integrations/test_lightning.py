@@ -199,7 +199,7 @@ def test_gradient_accumulation_feeds_the_mean_of_the_unscaled_batch_losses():
     class Recording(_module_class(pl)):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
-            self.losses.append(float(loss))
+            self.losses.append(float(loss.detach()))
             return loss
 
     torch.manual_seed(0)

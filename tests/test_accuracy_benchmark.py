@@ -1,0 +1,78 @@
+"""benchmarks/accuracy.py's scoring: the tables and target checks say what the rows hold."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+MPL, LRA = "lossforecast (multi-power)", "lossforecast (lr-annealing)"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    sys.path.insert(0, str(BENCHMARKS))  # the benchmark imports its sibling _baselines
+    try:
+        spec = importlib.util.spec_from_file_location("accuracy", BENCHMARKS / "accuracy.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _rows(accuracy, rng: np.random.Generator, plain_factor: float = 4.0) -> tuple[list[dict], dict]:
+    """Rows for 20 runs of two sources: two laws, and a plain fit whose error is
+    ``plain_factor`` times the multi-power one's on every other run (no answer on the rest)."""
+    rows, errors = [], {}
+    for i in range(20):
+        base = dict(run=f"r{i}", source="a" if i < 10 else "b", family="wsd")
+        for c in accuracy.CUTOFFS:
+            e_mpl, e_lra = rng.normal(0.0, 0.01, size=2)
+            errors[(i, c)] = (e_mpl, e_lra)
+            rows.append(dict(base, method=MPL, cutoff=c, error=e_mpl, cov80=abs(e_mpl) < 0.01))
+            rows.append(dict(base, method=LRA, cutoff=c, error=e_lra, cov80=True))
+            plain = dict(base, method=accuracy.PLAIN, cutoff=c)
+            if i % 2 == 0:  # the plain fit answers every other run only
+                plain.update(error=plain_factor * e_mpl, cov80=False)
+            rows.append(plain)
+    return rows, errors
+
+
+def test_law_mixtures_score_the_weighted_average_of_the_two_forecasts(accuracy):
+    rows, errors = _rows(accuracy, np.random.default_rng(0))
+    table, _ = accuracy.summarise(rows)
+    section = table[table.index("## Averaging the laws") :].split("\n\n")[1].splitlines()
+    half = next(line for line in section if line.startswith("| 0.5 |"))
+    expected = [
+        np.abs([0.5 * a + 0.5 * b for (i, cut), (a, b) in errors.items() if cut == c])
+        for c in accuracy.CUTOFFS
+    ]
+    cells = half.strip("|").split("|")[1:]
+    for cell, e in zip(cells, expected, strict=True):
+        assert cell.strip() == f"{100 * np.median(e):.2f}% / {100 * np.percentile(e, 90):.2f}%"
+
+
+def test_law_mixtures_need_exactly_two_laws(accuracy):
+    rows, _ = _rows(accuracy, np.random.default_rng(1))
+    table, _ = accuracy.summarise([r for r in rows if r["method"] != LRA])
+    assert "Averaging the laws" not in table
+
+
+@pytest.mark.parametrize("plain_factor, verdict", [(4.0, "yes"), (1.5, "NO")])
+def test_targets_compare_like_for_like_on_the_runs_the_plain_fit_answers(
+    accuracy, plain_factor, verdict
+):
+    rows, errors = _rows(accuracy, np.random.default_rng(2), plain_factor)
+    _, summary = accuracy.summarise(rows)
+    c = accuracy.CUTOFFS[0]
+    on_plain = np.median([abs(errors[(i, c)][0]) for i in range(0, 20, 2)])
+    assert summary[f"{MPL}|{c}|on_plain_runs"] == pytest.approx(on_plain)
+    assert summary[f"{accuracy.PLAIN}|{c}"]["n"] == 10
+    line = accuracy.check_targets(summary, MPL)[0]
+    # on the same runs the plain fit's error is plain_factor times ours
+    assert f"(on the 10 runs it answers: {100 * on_plain:.2f}%, {verdict})" in line
