@@ -265,8 +265,9 @@ def _aggregate(fits: list[_RunFit], base: LawPrior) -> LawPrior:
     # benchmark worse (an ad-hoc rerun: median error 2.95/0.43/0.30/0.15/0.06% at
     # 10/25/50/75/90%, against 2.65/0.37/0.24/0.11/0.05% with them). Annealing priors three
     # times as wide let fits from inside a cooldown follow it (90th-percentile error at the
-    # 90% cut-off 0.30% -> 0.20-0.22%) but let them run away early in a decay (median at
-    # 25% 0.37% -> 0.50-0.53%; ad-hoc reruns, all four annealing parameters or log_amp only).
+    # 90% cut-off 0.30% -> 0.19-0.22%) but let them run away earlier in a decay (median at
+    # 50% 0.24% -> 0.30-0.35%; ad-hoc reruns widening all four annealing parameters, log_amp,
+    # the three shape parameters or gamma alone).
     mean, std = {}, {}
     for p in base.mean:
         centre, spread = _balanced(np.array([f.theta[p] for f in fits]), groups)
