@@ -227,7 +227,7 @@ def _full_fit(name: str, run: FinishedRun, prior: LawPrior):
     x = LawInputs.at(schedule, binned.step)
     sigma = _bin_noise(binned.point_noise, binned.count, min_loss)
     starts = _initial_starts(law, gp, binned.step, binned.loss, schedule)
-    result = fit_law(law, x, binned.loss, sigma, starts, prior=gp, max_iter=500)
+    result = fit_law(law, x, binned.loss, sigma, starts, prior=gp)
     return law, schedule, result
 
 
