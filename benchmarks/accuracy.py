@@ -182,7 +182,7 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
             cells.append(f"{none} ({empty} no data)" if empty else str(none))
         lines.append(f"| {m} | no answer | " + " | ".join(cells) + " |")
 
-    lines += _law_mixtures(rows, [m for m in methods if m.startswith("lossforecast (")])
+    lines += _law_mixtures(by, [m for m in methods if m.startswith("lossforecast (")])
 
     lines.append("\n## Refit time (median ms over all backtest fits)\n")
     for m in methods:
@@ -197,26 +197,26 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
 MIXTURE_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
-def _law_mixtures(rows: list[dict], laws: list[str]) -> list[str]:
+def _law_mixtures(by: dict, laws: list[str]) -> list[str]:
     """Median / p90 |error| of weighted averages of two laws' forecasts of the same runs:
     whether averaging the laws beats choosing one is a question for the backtests."""
     if len(laws) != 2:
         return []
-    error = {(r["method"], r["run"], r["cutoff"]): r["error"] for r in rows if "error" in r}
+    pairs = {}  # per cutoff: (first law's error, second law's error) for each run both answer
+    for c in CUTOFFS:
+        second = {r["run"]: r["error"] for r in by[(laws[1], c)] if "error" in r}
+        pairs[c] = [
+            (r["error"], second[r["run"]])
+            for r in by[(laws[0], c)]
+            if "error" in r and r["run"] in second
+        ]
     lines = [
         f"\n## Averaging the laws: w × {laws[0]} + (1 − w) × {laws[1]}, median / p90\n",
         "| w | " + " | ".join(f"{int(c * 100)}%" for c in CUTOFFS) + " |",
         "|---|" + "---|" * len(CUTOFFS),
     ]
     for w in MIXTURE_WEIGHTS:
-        cells = []
-        for c in CUTOFFS:
-            mixed = [
-                w * e + (1 - w) * error[(laws[1], run, cut)]
-                for (m, run, cut), e in error.items()
-                if m == laws[0] and cut == c and (laws[1], run, cut) in error
-            ]
-            cells.append(_cell(mixed, signed=False))
+        cells = [_cell([w * a + (1 - w) * b for a, b in pairs[c]], signed=False) for c in CUTOFFS]
         lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
     return lines
 
