@@ -194,9 +194,12 @@ def test_state_round_trip_continues_the_run():
         if s < 150:
             first.step(_loss(s))
     state = json.loads(json.dumps(first.state_dict()))
+    # A second JSON copy, not first.state_dict() again: first's background fit may land in
+    # between and change its last_params.
+    untouched = json.loads(json.dumps(state))
     resumed = Monitor(LR, every_n_steps=5)
     resumed.load_state_dict(state)
-    assert state == first.state_dict()  # not modified
+    assert state == untouched  # load_state_dict leaves its argument as it was
     for s in range(150, 300):
         resumed.step(_loss(s))
     assert resumed.updates == 300
