@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 MPL, LRA = "lossforecast (multi-power)", "lossforecast (lr-annealing)"
 
 
 @pytest.fixture(scope="module")
-def accuracy():
-    sys.path.insert(0, str(BENCHMARKS))  # the benchmark imports its sibling _baselines
-    try:
-        spec = importlib.util.spec_from_file_location("accuracy", BENCHMARKS / "accuracy.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def accuracy(load_script):
+    return load_script("benchmarks/accuracy.py")
 
 
 def _rows(accuracy, rng: np.random.Generator, plain_factor: float = 4.0) -> tuple[list[dict], dict]:

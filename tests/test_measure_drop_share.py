@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,19 +10,11 @@ import pytest
 from lossforecast import LRAnnealingLaw, MultiPowerLaw, Schedule
 from lossforecast._laws import LawInputs
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "measure_drop_share.py"
 THETA = {
     MultiPowerLaw: np.array([2.5, 3.78, 0.47, -1.65, -5.0, 0.7, 0.8]),
     LRAnnealingLaw: np.array([2.5, 3.78, 0.47, -8.0, 6.0]),
 }
 T, WARM = 8000, 400
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("measure_drop_share", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _schedules() -> dict[str, np.ndarray]:
@@ -39,7 +29,7 @@ def _schedules() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("law_cls", [MultiPowerLaw, LRAnnealingLaw])
-def test_joint_fit_of_curves_from_the_law_leaves_no_shape_error(law_cls):
+def test_joint_fit_of_curves_from_the_law_leaves_no_shape_error(law_cls, load_script):
     law, theta_true, rng = law_cls(), THETA[law_cls], np.random.default_rng(0)
     runs = []
     for lr in _schedules().values():
@@ -54,7 +44,7 @@ def test_joint_fit_of_curves_from_the_law_leaves_no_shape_error(law_cls):
                 final_loss=float(loss[-1]),
             )
         )
-    theta = _script().joint_fit(law, runs)
+    theta = load_script("scripts/measure_drop_share.py").joint_fit(law, runs)
     for run in runs[1:]:  # the annealed ones
         end = LawInputs.at(Schedule(run.lr_schedule), np.array([run.final_step]))
         error = float(law.predict(theta, end)[0]) - run.final_loss

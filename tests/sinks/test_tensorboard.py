@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -17,8 +16,6 @@ from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 from lossforecast._events import Event, EventBus
 from lossforecast.sinks import TensorBoardSink
 from lossforecast.sinks._tensorboard import TRAJECTORY_RUN
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def read(folder) -> EventAccumulator:
@@ -176,17 +173,13 @@ def test_minimal_writer_gets_scalars_and_one_message_each(caplog, events):
     assert sum("trajectories are off" in m for m in messages) == 1
 
 
-def test_render_script_plots_the_panels(tmp_path, events):
+def test_render_script_plots_the_panels(tmp_path, events, load_script):
     pytest.importorskip("matplotlib")
     sink = TensorBoardSink(tmp_path / "run")
     for event in events:
         sink.write(event)
     sink.close()
-    spec = importlib.util.spec_from_file_location(
-        "render_tensorboard_panels", ROOT / "scripts" / "render_tensorboard_panels.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/render_tensorboard_panels.py")
     data = script.load_panels(tmp_path / "run")
     assert [made_at for made_at, _ in data["trajectories"]] == list(range(200, 1000, 100))
     assert data["run"]["forecast/final_loss"][0] == list(range(200, 1000, 100))
