@@ -268,6 +268,17 @@ def _aggregate(fits: list[_RunFit], base: LawPrior) -> LawPrior:
     # 90% cut-off 0.30% -> 0.19-0.22%) but let them run away earlier in a decay (median at
     # 50% 0.24% -> 0.30-0.35%; ad-hoc reruns widening all four annealing parameters, log_amp,
     # the three shape parameters or gamma alone).
+    # The shape parameters (log_C, beta, gamma) depend on the schedules they are fitted to:
+    # cosine runs' whole-curve fits put gamma at its bound of 1.5 in 10 of 16 runs, WSD runs'
+    # sit near 0.8, and log_C falls about 1.25 per unit of log area after the decreases
+    # within each of the two large sources. Ad-hoc reruns (leave-one-source-out, median
+    # error at 25/50/75%, shipped 0.37/0.23/0.11%): shape priors regressed on that horizon
+    # 0.49/0.30/0.11% (cosine and WSD at 50% better, 0.48/0.45 -> 0.31/0.31%; step runs
+    # worse, 0.19 -> 0.70%); fits with a shape parameter at a bound left out 1.21/0.58/0.21%;
+    # a gamma bound of 3 in the fits behind the priors 0.51/0.33/0.10% (cosine at 75% 0.17
+    # -> 0.07%, WSD at 50% 0.45 -> 0.66%); shape priors from joint fits of all runs of one
+    # model 0.67/0.44/0.18%. benchmarks/accuracy_unseen_family.md measures what a new
+    # schedule family costs.
     mean, std = {}, {}
     for p in base.mean:
         centre, spread = _balanced(np.array([f.theta[p] for f in fits]), groups)

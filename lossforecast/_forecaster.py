@@ -226,15 +226,9 @@ class Forecaster:
         sched = self.schedule
         if len(binned) < self.min_points:
             return None, None
-        # Skip warmup and the early transient (the first third of what has been seen), as
-        # fits of partial curves do best without it. Inside warmup, fall back to the second
-        # half of what has been seen: the forecast then rests mostly on the priors.
-        first = max(sched.warmup_steps, int(_SKIP_FRACTION * binned.step[-1]))
-        keep = binned.step > first
-        if keep.sum() < self.min_points:
-            keep = binned.step >= binned.step[-1] // 2
-            if keep.sum() < self.min_points:
-                return None, None
+        keep = _fitted_points(binned.step, sched.warmup_steps, self.min_points)
+        if keep is None:
+            return None, None
         steps, loss, count = binned.step[keep], binned.loss[keep], binned.count[keep]
         min_loss = float(loss.min())
         sigma = _bin_noise(binned.point_noise, count, min_loss)
@@ -451,6 +445,29 @@ def schedule_from_state(state: dict) -> NDArray[np.float64]:
     """The planned schedule saved in a :meth:`Forecaster.state_dict` (text or a plain list)."""
     saved = state["lr_schedule"]
     return decode_lr(saved) if isinstance(saved, str) else np.asarray(saved, dtype=np.float64)
+
+
+def _fitted_points(
+    step: NDArray[np.int64], warmup: int, min_points: int
+) -> NDArray[np.bool_] | None:
+    """Which bins a fit uses, or None while too few have been seen.
+
+    Warmup and the early transient (the first third of what has been seen) are skipped, as
+    fits of partial curves do best without them. A sparsely logged run keeps at least its
+    last ``min_points`` bins after warmup, so a forecast once given never vanishes as more
+    points arrive. Inside warmup, the second half of what has been seen is used: the
+    forecast then rests mostly on the priors.
+    """
+    keep = step > max(warmup, int(_SKIP_FRACTION * step[-1]))
+    if keep.sum() >= min_points:
+        return keep
+    after = np.flatnonzero(step > warmup)
+    if after.size >= min_points:
+        keep = np.zeros(step.size, dtype=bool)
+        keep[after[-min_points:]] = True
+        return keep
+    keep = step >= step[-1] // 2
+    return keep if keep.sum() >= min_points else None
 
 
 def _bin_noise(

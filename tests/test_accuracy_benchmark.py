@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -64,3 +68,41 @@ def test_targets_compare_like_for_like_on_the_runs_the_plain_fit_answers(
     line = accuracy.check_targets(summary, MPL)[0]
     # on the same runs the plain fit's error is plain_factor times ours
     assert f"(on the 10 runs it answers: {100 * on_plain:.2f}%, {verdict})" in line
+
+
+@pytest.mark.parametrize(
+    ("hold_out", "trained_on"),
+    [
+        ("source", {"b-cosine", "b-wsd"}),
+        ("source-and-family", {"b-wsd"}),
+    ],
+)
+def test_priors_for_a_held_out_run_never_see_what_it_holds_out(accuracy, hold_out, trained_on):
+    """Runs of source a with a cosine schedule: under ``source`` their priors come from every
+    run of source b; under ``source-and-family`` from source b's runs of other families."""
+    runs = [
+        SimpleNamespace(name=f"{src}-{kind}", source=src, schedule=sched)
+        for src in ("a", "b")
+        for kind, sched in (("cosine", "cosine-final0.1"), ("wsd", "wsd-linear-0.2"))
+    ]
+    held = accuracy.HOLD_OUT[hold_out](runs[0])
+    assert {r.name for r in runs if accuracy._unseen(r, held, hold_out)} == trained_on
+
+
+@pytest.mark.parametrize(
+    ("results", "flags", "hold_out"),
+    [
+        ("accuracy.md", "", "source"),
+        (
+            "accuracy_unseen_family.md",
+            " --hold-out source-and-family --laws multi-power",
+            "source-and-family",
+        ),
+    ],
+)
+def test_committed_results_open_with_the_header_the_script_writes(
+    accuracy, results, flags, hold_out
+):
+    text = (Path(accuracy.__file__).parent / results).read_text()
+    seconds = float(re.search(r"Wall time (\d+) s\.", text).group(1))
+    assert text.startswith(accuracy.header(flags, hold_out, seconds) + "\n\n## ")

@@ -157,6 +157,24 @@ def test_no_forecast_before_data():
     assert fc.what_if(_constant()) is None
 
 
+def test_a_sparsely_logged_run_is_refitted_at_every_point():
+    # Evaluated rarely: two points just after warmup, then one every few thousand steps.
+    # Skipping the first third of what has been seen leaves a single point at each of the
+    # later ones; the fit must still take them in, not keep the one made at step 800 (nor,
+    # for a backtest's fresh forecaster, give no answer at all).
+    steps, losses, _ = _synthetic("multi-power", _cosine(), every=100)
+    sparse = np.isin(steps, [600, 800, 3000, 6000, 9000])
+    fc = Forecaster(_cosine())
+    seen = []
+    for s, v in zip(steps[sparse].tolist(), losses[sparse].tolist(), strict=True):
+        fc.update(s, v)
+        f = fc.forecast()
+        seen.append(None if f is None else f.observed_step)
+    assert seen == [None, 800, 3000, 6000, 9000]
+    fresh = _fed(_cosine(), steps[sparse], losses[sparse], upto=1.0)
+    assert fresh.forecast() is not None and fresh.forecast().n_points == 5
+
+
 # ---------------------------------------------------------------------------- accuracy
 @pytest.mark.parametrize("law_name", ["multi-power", "lr-annealing"])
 def test_synthetic_curve_from_the_law_is_forecast(law_name):
