@@ -454,9 +454,9 @@ def _fitted_points(
 
     Warmup and the early transient (the first third of what has been seen) are skipped, as
     fits of partial curves do best without them. A sparsely logged run keeps at least its
-    last ``min_points`` bins after warmup, so a forecast once given never vanishes as more
-    points arrive. Inside warmup, the second half of what has been seen is used: the
-    forecast then rests mostly on the priors.
+    last ``min_points`` bins after warmup, so every new point is fitted (else it would keep
+    its old fit, and a fresh forecaster would give none). Inside warmup, the second half of
+    what has been seen is used: the forecast then rests mostly on the priors.
     """
     keep = step > max(warmup, int(_SKIP_FRACTION * step[-1]))
     if keep.sum() >= min_points:
