@@ -85,7 +85,7 @@ def test_priors_for_a_held_out_run_never_see_what_it_holds_out(accuracy, hold_ou
         for src in ("a", "b")
         for kind, sched in (("cosine", "cosine-final0.1"), ("wsd", "wsd-linear-0.2"))
     ]
-    held = accuracy.HOLD_OUT[hold_out](runs[0])
+    held = accuracy.HOLD_OUT[hold_out].key(runs[0])
     assert {r.name for r in runs if accuracy._unseen(r, held, hold_out)} == trained_on
 
 

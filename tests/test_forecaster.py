@@ -159,9 +159,9 @@ def test_no_forecast_before_data():
 
 def test_a_sparsely_logged_run_is_refitted_at_every_point():
     # Evaluated rarely: two points just after warmup, then one every few thousand steps.
-    # Skipping the first third of what has been seen leaves a single point at each of the
-    # later ones; the fit must still take them in, not keep the one made at step 800 (nor,
-    # for a backtest's fresh forecaster, give no answer at all).
+    # At step 3000, skipping the first third of what has been seen leaves that point alone;
+    # the fit must still take it in, not keep the one made at step 800 (nor, for a
+    # backtest's fresh forecaster, give no answer at all).
     steps, losses, _ = _synthetic("multi-power", _cosine(), every=100)
     sparse = np.isin(steps, [600, 800, 3000, 6000, 9000])
     fc = Forecaster(_cosine())
