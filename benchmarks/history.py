@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lossforecast import Forecaster, Priors, Schedule, backtest, load_runs
+from lossforecast import Forecaster, Priors, Schedule, load_runs
+from lossforecast._backtest import backtest_run
 from lossforecast._derive import derive_priors
 from lossforecast._history import history_priors, load_history, write_run_summary
 
@@ -51,19 +52,6 @@ def _write_history(folder: Path, runs, priors: Priors, law: str) -> None:
         write_run_summary(
             folder, fc, final_loss=run.final_loss, labels=_labels(run), run_name=run.name
         )
-
-
-def _score(run, schedule: Schedule, priors: Priors, law: str) -> list:
-    return backtest(
-        run.steps,
-        run.loss,
-        schedule,
-        cutoffs=CUTOFFS,
-        final_step=run.final_step,
-        truth=run.final_loss,
-        law=law,
-        priors=priors,
-    )
 
 
 def run_benchmark(data_dir: Path, law: str, loso: bool, work: Path) -> list[dict]:
@@ -91,7 +79,7 @@ def run_benchmark(data_dir: Path, law: str, loso: bool, work: Path) -> list[dict
                 )
                 arms = {start: priors, f"{start} + history": sharpened}
                 for arm, p in arms.items():
-                    for point in _score(run, schedule, p, law):
+                    for point in backtest_run(run, schedule, cutoffs=CUTOFFS, law=law, priors=p):
                         row = dict(run=run.name, source=source, arm=arm, cutoff=point.cutoff)
                         if point.forecast is not None:
                             row.update(error=point.rel_error, cov80=point.covered)

@@ -12,7 +12,7 @@ from numpy.typing import ArrayLike, NDArray
 from ._forecaster import Forecast, Forecaster
 from ._schedule import Schedule
 
-__all__ = ["BacktestPoint", "Trajectory", "backtest", "DEFAULT_CUTOFFS"]
+__all__ = ["BacktestPoint", "Trajectory", "backtest", "backtest_run", "DEFAULT_CUTOFFS"]
 
 #: Shares of the planned steps at which a backtest cuts the run.
 DEFAULT_CUTOFFS = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -188,3 +188,24 @@ def backtest(
             )
         )
     return points
+
+
+def backtest_run(
+    run,
+    schedule: Schedule | None = None,
+    *,
+    cutoffs: Sequence[float] = DEFAULT_CUTOFFS,
+    **forecaster_kwargs,
+) -> list[BacktestPoint]:
+    """:func:`backtest` of a finished run's final loss: ``run`` has ``steps``, ``loss``,
+    ``lr_schedule``, ``final_step`` and ``final_loss`` (as ``load_runs`` gives); ``schedule``
+    is its schedule where the caller has built it already."""
+    return backtest(
+        run.steps,
+        run.loss,
+        run.lr_schedule if schedule is None else schedule,
+        cutoffs=cutoffs,
+        final_step=run.final_step,
+        truth=run.final_loss,
+        **forecaster_kwargs,
+    )

@@ -10,7 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.stats import norm
 
-from ._backtest import backtest
+from ._backtest import backtest_run
 from ._fit import fit_law
 from ._forecaster import _bin_noise, _initial_starts
 from ._laws import LAWS, LawInputs
@@ -307,16 +307,7 @@ def _backtests(
 ) -> list[_Backtest]:
     """Forecasts of one run's final loss from each of ``cutoffs``."""
     schedule = Schedule(run.lr_schedule)
-    points = backtest(
-        run.steps,
-        run.loss,
-        schedule,
-        cutoffs=cutoffs,
-        final_step=run.final_step,
-        truth=run.final_loss,
-        law=name,
-        priors=priors,
-    )
+    points = backtest_run(run, schedule, cutoffs=cutoffs, law=name, priors=priors)
     z = float(norm.ppf(0.9))
     return [
         _Backtest(

@@ -9,6 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from lossforecast import MultiPowerLaw, Priors, Schedule
+from lossforecast._laws import LawInputs
+
 MPL, LRA = "lossforecast (multi-power)", "lossforecast (lr-annealing)"
 
 
@@ -106,3 +109,34 @@ def test_committed_results_open_with_the_header_the_script_writes(
     text = (Path(accuracy.__file__).parent / results).read_text()
     seconds = float(re.search(r"Wall time (\d+) s\.", text).group(1))
     assert text.startswith(accuracy.header(flags, hold_out, seconds) + "\n\n## ")
+
+
+def test_the_oracle_knows_the_drop_a_planned_cooldown_will_bring(accuracy):
+    """A WSD run whose cooldown removes far more than the priors expect: halfway, before it
+    starts, a forecaster cannot know; the oracle, pinned at the whole-curve fit, does."""
+    law = MultiPowerLaw()
+    theta = np.array([2.5, 3.78, 0.47, -0.3, -5.0, 0.7, 0.8])
+    lr = 1e-3 * np.r_[np.linspace(0.01, 1.0, 500), np.ones(7500), np.linspace(1.0, 0.01, 2000)]
+    schedule = Schedule(lr)
+    steps = np.arange(510, len(lr), 10)
+    loss = law.predict(theta, LawInputs.at(schedule, steps))
+    run = SimpleNamespace(
+        steps=steps,
+        loss=loss,
+        lr_schedule=lr,
+        final_step=int(steps[-1]),
+        final_loss=float(loss[-1]),
+        source="synthetic",
+    )
+    priors = Priors.default()
+    pinned = accuracy.oracle_priors(priors, run)
+    assert all(
+        pinned.laws["multi-power"].std[p] == accuracy.ORACLE_STD for p in accuracy.ORACLE_PINNED
+    )
+    base = dict(run="synthetic", source="synthetic", family="wsd")
+
+    def error_at_half(p: Priors) -> float:
+        rows = accuracy._forecast_rows(run, schedule, "multi-power", p, base, "method")
+        return abs(next(r["error"] for r in rows if r["cutoff"] == 0.5))
+
+    assert error_at_half(pinned) < 0.002 < error_at_half(priors)

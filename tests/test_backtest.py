@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from lossforecast import BacktestPoint, Forecast, Schedule, backtest
+from lossforecast._backtest import backtest_run
 
 T = 4000
 WARM = 200
@@ -38,6 +40,22 @@ def test_backtest_structure_and_defaults():
         assert p.trajectory is None
         assert math.isfinite(p.rel_error) and abs(p.rel_error) < 0.2  # loose sanity only
     assert abs(points[-1].rel_error) < 0.05
+
+
+def test_backtest_run_forecasts_a_finished_runs_final_loss():
+    steps, loss, lr = _run()
+    # a finished run whose true final loss lies below its last logged point
+    run = SimpleNamespace(
+        steps=steps[:-5], loss=loss[:-5], lr_schedule=lr, final_step=T - 1, final_loss=2.6
+    )
+    for schedule in (None, Schedule(lr)):
+        points = backtest_run(run, schedule, cutoffs=(0.5,), law="lr-annealing")
+        expected = backtest(
+            run.steps, run.loss, lr, cutoffs=(0.5,), final_step=T - 1, truth=2.6, law="lr-annealing"
+        )
+        assert points[0].truth == 2.6 and points[0].forecast.step == T - 1
+        assert points[0].forecast.law == "lr-annealing"
+        assert points[0].forecast.loss == pytest.approx(expected[0].forecast.loss)
 
 
 def test_backtest_options_reach_the_forecaster():

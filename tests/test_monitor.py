@@ -86,19 +86,26 @@ class Collect(Sink):
         self.seen.append(event)
 
 
+#: How long a test waits for a background fit. The fitter rests 49 times as long as its last
+#: fit took (2% duty), so on a loaded machine a 0.3 s fit means 15 s to the next one: a 10 s
+#: wait ran out there, and the test went on with an old fit and failed.
+FIT_WAIT = 120.0
+
+
 def _wait_for_fit(mon: Monitor, after: int) -> None:
-    deadline = time.monotonic() + 10.0
-    while mon.fitter.n_fits <= after and time.monotonic() < deadline:
+    deadline = time.monotonic() + FIT_WAIT
+    while mon.fitter.n_fits <= after:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no background fit after fit {after} within {FIT_WAIT:.0f} s")
         time.sleep(0.01)  # the fit runs in the background
 
 
 def _wait_until_fitted(mon: Monitor, through: int) -> None:
     """Block until a background fit has used the observations up to step ``through``."""
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        f = mon.forecast()
-        if f is not None and f.observed_step >= through:
-            return
+    deadline = time.monotonic() + FIT_WAIT
+    while (f := mon.forecast()) is None or f.observed_step < through:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no background fit through step {through} within {FIT_WAIT:.0f} s")
         time.sleep(0.01)
 
 
