@@ -68,9 +68,7 @@ def test_forecast_in_the_background_matches_a_synchronous_fit():
     mon = Monitor(LR, every_n_steps=4)
     for s in range(240):
         mon.step(_loss(s))
-    deadline = time.monotonic() + 10.0
-    while mon.forecast() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # the fit runs in the background
+    _wait_until_fitted(mon, 0)
     background = mon.forecast()
     assert mon.close()
     assert isinstance(background, Forecast) and background.step == T - 1
