@@ -95,6 +95,10 @@ def _train(out: Path, mode: str) -> None:
         "stop_reason": None if status is None else status.stop_reason,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    # The Trainer leaves the process group to its script (Lightning destroys its own at
+    # exit); left to interpreter shutdown, gloo's threads can abort the process
+    # (pytorch/pytorch#190489).
+    torch.distributed.destroy_process_group()
 
 
 def _run(out: Path, mode: str) -> tuple[dict, dict]:
