@@ -277,8 +277,11 @@ def _aggregate(fits: list[_RunFit], base: LawPrior) -> LawPrior:
     # worse, 0.19 -> 0.70%); fits with a shape parameter at a bound left out 1.21/0.58/0.21%;
     # a gamma bound of 3 in the fits behind the priors 0.51/0.33/0.10% (cosine at 75% 0.17
     # -> 0.07%, WSD at 50% 0.45 -> 0.66%); shape priors from joint fits of all runs of one
-    # model 0.67/0.44/0.18%. benchmarks/accuracy_unseen_family.md measures what a new
-    # schedule family costs.
+    # model 0.67/0.44/0.18%; shape priors from the runs with a WSD or step decay only (std
+    # kept at least as wide as from all runs) 0.38/0.29/0.11%, with the 90th percentile at
+    # 25/75/90% 2.46/0.82/0.30% -> 1.93/0.49/0.14% (WSD better at every cut-off, 0.18 ->
+    # 0.08% at 90%; cosine worse at 25/50%, 0.33/0.48 -> 0.40/0.54%, and 80% coverage at 90%
+    # 0.96). benchmarks/accuracy_unseen_family.md measures what a new schedule family costs.
     mean, std = {}, {}
     for p in base.mean:
         centre, spread = _balanced(np.array([f.theta[p] for f in fits]), groups)
