@@ -36,7 +36,7 @@ from _baselines import last_smoothed, plain_lr_annealing, power_law_in_steps
 
 from lossforecast import Priors, Schedule
 from lossforecast._backtest import backtest_run
-from lossforecast._derive import HYPERPRIORS, _full_fit, _run_fit, derive_priors
+from lossforecast._derive import HYPERPRIORS, _full_fit, _summarise_fit, derive_priors
 from lossforecast._io import load_runs
 from lossforecast._laws import LawInputs
 
@@ -119,9 +119,10 @@ def run_benchmark(data_dir: Path, laws: tuple[str, ...], hold_out: str = "source
             base = dict(run=run.name, source=source, family=family(run.schedule))
             for law in laws:
                 rows += _forecast_rows(run, schedule, law, priors, base, f"lossforecast ({law})")
-            if "multi-power" in laws and (pinned := oracle_priors(priors, run)) is not None:
+            whole = whole_curve_fit(run)  # behind both the oracle and hindsight
+            if "multi-power" in laws and (pinned := oracle_priors(priors, run, whole)) is not None:
                 rows += _forecast_rows(run, schedule, "multi-power", pinned, base, ORACLE)
-            hindsight = hindsight_error(run)
+            hindsight = hindsight_error(run, whole)
             lra = priors.laws["lr-annealing"]
             fixed_c = float(
                 np.exp(lra.mean["log_amp"] + lra.amp_lr_exponent * np.log(schedule.peak_lr))
@@ -136,11 +137,12 @@ def run_benchmark(data_dir: Path, laws: tuple[str, ...], hold_out: str = "source
                         "power law in steps": power_law_in_steps(schedule, s, y, run.final_step),
                         PLAIN: plain_lr_annealing(schedule, s, y, run.final_step, fixed_c),
                     }
-                rows.append(dict(base, method=HINDSIGHT, cutoff=c))
+                row = dict(base, method=HINDSIGHT, cutoff=c)
                 if n == 0:
-                    rows[-1]["no_data"] = True  # like for like: no method answers there
+                    row["no_data"] = True  # like for like: no method answers there
                 elif hindsight is not None:
-                    rows[-1]["error"] = hindsight
+                    row["error"] = hindsight
+                rows.append(row)
                 for name in BASELINES:
                     f = forecasts.get(name)
                     row = dict(base, method=name, cutoff=c)
@@ -182,10 +184,16 @@ def _forecast_rows(run, schedule: Schedule, law: str, priors: Priors, base: dict
     return rows
 
 
-def oracle_priors(priors: Priors, run) -> Priors | None:
+def whole_curve_fit(run):
+    """The Multi-Power Law fitted to the run's whole curve under the weak
+    :data:`HYPERPRIORS`: ``(law, schedule, result)``, as ``_full_fit`` gives it."""
+    return _full_fit("multi-power", run, HYPERPRIORS["multi-power"])
+
+
+def oracle_priors(priors: Priors, run, whole) -> Priors | None:
     """``priors`` with the Multi-Power Law's annealing parameters pinned (std
-    :data:`ORACLE_STD`) at the run's own whole-curve fit; None if that fit fails."""
-    fit = _run_fit("multi-power", run, HYPERPRIORS["multi-power"])
+    :data:`ORACLE_STD`) at the run's own whole-curve fit ``whole``; None if it failed."""
+    fit = _summarise_fit(run, whole, HYPERPRIORS["multi-power"])
     if fit is None:
         return None
     law = priors.laws["multi-power"]
@@ -197,10 +205,10 @@ def oracle_priors(priors: Priors, run) -> Priors | None:
     return priors.with_law("multi-power", pinned)
 
 
-def hindsight_error(run) -> float | None:
-    """Relative error at ``final_step`` of the Multi-Power Law fitted to the run's whole curve
-    (under the weak :data:`HYPERPRIORS`); None if that fit fails."""
-    law, schedule, result = _full_fit("multi-power", run, HYPERPRIORS["multi-power"])
+def hindsight_error(run, whole) -> float | None:
+    """Relative error at ``final_step`` of the run's whole-curve fit ``whole``; None if it
+    failed."""
+    law, schedule, result = whole
     if not result.success:
         return None
     end = float(law.predict(result.params, LawInputs.at(schedule, np.array([run.final_step])))[0])

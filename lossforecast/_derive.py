@@ -242,7 +242,12 @@ class _RunFit:
 
 
 def _run_fit(name: str, run: FinishedRun, base: LawPrior) -> _RunFit | None:
-    law, schedule, result = _full_fit(name, run, base)
+    return _summarise_fit(run, _full_fit(name, run, base), base)
+
+
+def _summarise_fit(run: FinishedRun, fitted, base: LawPrior) -> _RunFit | None:
+    """What a whole-curve fit (``_full_fit``'s result) contributes; None if it failed."""
+    law, schedule, result = fitted
     if not result.success:
         return None
     theta = dict(zip(law.params, result.params, strict=True))
