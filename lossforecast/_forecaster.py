@@ -240,7 +240,7 @@ class Forecaster:
         x = LawInputs.at(sched, steps)
         law_prior = self.priors.laws[self._law.name]
         progress = float(sched.area[steps[-1]] / sched.area[-1])
-        prior = law_prior.for_run(min_loss, sched.peak_lr, progress)
+        prior = law_prior.for_run(min_loss, sched.peak_lr, sched.lr_area(int(steps[-1])))
         if previous is not None:
             starts = [previous.result.params]
         elif self._restored_params is not None:  # continue a checkpointed run's fit

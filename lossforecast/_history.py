@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._derive import _run_fit
+from ._derive import _L0_KNOT_WIDTH, _L0_KNOTS, _run_fit
 from ._forecaster import Forecaster
 from ._laws import LAWS, LawInputs
 from ._observations import Observations
@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 HISTORY_ENV = "LOSSFORECAST_HISTORY"
 #: The ``kind`` every summary file carries, so foreign JSON files are told apart.
 SUMMARY_KIND = "lossforecast-run-summary"
-SUMMARY_VERSION = 1
+#: 2: ``l0_ratio`` is keyed by the log of the LR area seen (1: by the share of it).
+SUMMARY_VERSION = 2
 #: Parameters of the power-law part, identified by any run; the others (the annealing
 #: term) only by runs whose LR decreases.
 _POWER_PARAMS = ("L0", "log_A", "alpha")
@@ -146,8 +147,8 @@ class RunSummary:
         as fitted, ``log_amp`` for a peak LR of 1 (shifted by ``amp_lr_exponent *
         log(peak_lr)``), and ``L0`` in loss units (see ``l0_ratio`` for its transferable form).
     l0_ratio : tuple of (float, float)
-        ``(progress, L0 / lowest loss seen by then)``, progress being the share of the
-        planned LR area seen, as the forecaster measures it.
+        ``(log S1, L0 / lowest loss seen by then)``, ``S1`` the LR area seen (the sum of the
+        LR over the steps, in the optimizer's units), as the priors' ``L0`` table is keyed.
     schedule : ScheduleShape
         Shape of the planned schedule.
     cooldown_log_amp : float or None
@@ -193,7 +194,7 @@ def write_run_summary(
     units of the priors it will sharpen. (The forecaster's live fit skips the first third
     of the steps to forecast well; for learning the run's parameters that was worse in the
     history benchmark.) Stored: the power-law parameters, ``L0`` relative to the lowest
-    loss seen at each progress level, and the drop the cooldown brought as an amplitude
+    loss seen at each level of LR area, and the drop the cooldown brought as an amplitude
     (see :class:`RunSummary`). The file is written to a temporary name and renamed, so a
     reader never sees half a summary; its name (``<run_name>-<UTC time>-<random>.json``)
     never collides with another run's.
@@ -253,7 +254,7 @@ def write_run_summary(
         cooldown = _cooldown(law_name, params, law_prior, schedule, int(last))
     else:  # no LR decrease: the annealing term is unidentified
         params = {k: v for k, v in params.items() if k in _POWER_PARAMS}
-    l0_ratio = [[float(p), float(r)] for p, r in zip(fit.l0_progress, fit.l0_ratio, strict=True)]
+    l0_ratio = [[float(a), float(r)] for a, r in zip(fit.l0_log_area, fit.l0_ratio, strict=True)]
     doc = {
         "kind": SUMMARY_KIND,
         "version": SUMMARY_VERSION,
@@ -465,7 +466,7 @@ def history_priors(
     """The priors of ``law`` narrowed towards what similar past runs found.
 
     Three things the past runs measured update the prior of the same quantity
-    (Normal-Normal): ``L0 / lowest loss seen`` at each progress level of the ``L0``
+    (Normal-Normal): ``L0 / lowest loss seen`` at each LR-area level of the ``L0``
     table, the exponent ``alpha``, and the cooldown's amplitude ``log_amp`` (the drop each
     run's cooldown brought, expressed for the prior's own annealing shape; runs whose LR
     never fell say nothing about it). The past runs' values are draws around the user's
@@ -473,9 +474,8 @@ def history_priors(
     differ from each other is estimated from the history, starting from half the given
     std (worth two runs), so one or two runs move the prior only part of the way. The new
     std is that spread plus the uncertainty of the typical value, never below a fifth of
-    the given std and never above it. With the new run's schedule known, ``L0`` is
-    compared at the same forward area rather than the same share of the run, which
-    transfers between runs of different lengths.
+    the given std and never above it. ``L0`` is compared at the same LR area, the key of
+    the ``L0`` table, which is the same point of the power law whatever the runs' lengths.
 
     The other annealing parameters keep the given prior: they are strongly correlated, so
     an average of past runs' values is no typical cooldown, and carrying them over made
@@ -533,9 +533,9 @@ def history_priors(
             base.mean["log_amp"], base.std["log_amp"], values, weights
         )
     rows = []
-    for progress, m0, s0 in base.l0_ratio:
-        values = np.array([_ratio_at(s, progress, shape) for s in runs])
-        rows.append((progress, *_update(m0, s0, values, weights)))
+    for log_area in _l0_levels(base, runs):
+        values = np.array([_ratio_at(s, log_area) for s in runs])
+        rows.append((log_area, *_update(*base.l0_ratio_at(log_area), values, weights)))
     sharpened = LawPrior(mean, std, tuple(rows), base.amp_lr_exponent)
     return priors.with_law(law, sharpened)
 
@@ -569,21 +569,25 @@ def _cooldown_amp(summary: RunSummary, base: LawPrior) -> float:
     return summary.cooldown_log_amp
 
 
-def _ratio_at(summary: RunSummary, progress: float, shape: ScheduleShape | None) -> float:
-    """A past run's ``L0 / lowest loss`` where the new run stands at ``progress``.
+def _l0_levels(base: LawPrior, runs: Sequence[RunSummary]) -> list[float]:
+    """Rows of the sharpened ``L0`` table: the prior's own, plus the knots of the derivation
+    grid that the past runs reached beyond them (LRs on another scale than the priors')."""
+    reached = [level for s in runs for level, _ in s.l0_ratio]
+    keys = {k for k, _, _ in base.l0_ratio}
+    if reached:
+        keys |= {k for k in _L0_KNOTS if min(reached) <= k <= max(reached)}
+    return sorted(keys)
 
-    With the new run's schedule known, "where" is the same forward area (the power law
-    depends on it, whatever the run's length); otherwise the same progress. NaN outside
-    what the past run saw.
-    """
+
+def _ratio_at(summary: RunSummary, log_area: float) -> float:
+    """A past run's ``L0 / lowest loss`` at the same LR area (``log S1``), where the power law
+    stands at the same point whatever the runs' lengths; NaN outside what the run saw."""
     if not summary.l0_ratio:
         return math.nan
     levels, ratios = np.array(summary.l0_ratio).T
-    if shape is not None:
-        progress = progress * shape.total_area / summary.schedule.total_area
-    if progress < levels[0] - 0.15 or progress > levels[-1] + 1e-9:
+    if log_area < levels[0] - _L0_KNOT_WIDTH or log_area > levels[-1] + 1e-9:
         return math.nan
-    return float(np.interp(progress, levels, ratios))
+    return float(np.interp(log_area, levels, ratios))
 
 
 def _update(

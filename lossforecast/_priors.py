@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,8 @@ from ._fit import GaussianPrior
 
 __all__ = ["Priors", "LawPrior", "Calibration"]
 
-PRIORS_VERSION = 1
+#: 2: the ``L0`` table is keyed by the log of the LR area seen (1: by the share of it).
+PRIORS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,11 @@ class LawPrior:
     """Gaussian prior for one law, in units that transfer between runs.
 
     ``L0`` is given as a ratio to the lowest observed loss, whose mean and std depend on
-    how far training has got: rows ``(progress, mean, std)`` interpolated in progress (the
-    share of the planned forward area seen). The annealing amplitude (``log_amp``, for LRs
+    how far the run has got along its power law: rows ``(log S1, mean, std)``, ``S1`` the
+    LR area seen (the sum of the LR over the steps, in the optimizer's own units),
+    interpolated in ``log S1`` and held at the end rows. Unlike the share of training seen,
+    that is the same point of the curve for a short run and a long one. The annealing
+    amplitude (``log_amp``, for LRs
     relative to the peak) is given for a peak LR of 1 and shifted by
     ``amp_lr_exponent * log(peak_lr)``: the loss a cooldown removes grows like the square
     root of the peak LR on the shared curves (a noise-floor effect), far more steadily
@@ -40,14 +45,23 @@ class LawPrior:
     l0_ratio: tuple[tuple[float, float, float], ...]
     amp_lr_exponent: float = 0.5
 
-    def for_run(self, min_loss: float, peak_lr: float, progress: float = 1.0) -> GaussianPrior:
-        """The prior in a run's own units: its lowest observed loss, peak LR and progress."""
-        knots, ratio_mean, ratio_std = (np.array(c) for c in zip(*self.l0_ratio, strict=True))
-        mean = dict(self.mean, L0=float(np.interp(progress, knots, ratio_mean)) * min_loss)
+    def for_run(self, min_loss: float, peak_lr: float, lr_area: float = math.inf) -> GaussianPrior:
+        """The prior in a run's own units: its lowest observed loss, its peak LR and the LR
+        area seen so far (``S1``; by default past the last row of the ``L0`` table)."""
+        ratio, ratio_std = self.l0_ratio_at(math.log(lr_area) if lr_area > 0 else -math.inf)
+        mean = dict(self.mean, L0=ratio * min_loss)
         if "log_amp" in mean:
             mean["log_amp"] += self.amp_lr_exponent * float(np.log(peak_lr))
-        std = dict(self.std, L0=float(np.interp(progress, knots, ratio_std)) * min_loss)
+        std = dict(self.std, L0=ratio_std * min_loss)
         return GaussianPrior(mean, std)
+
+    def l0_ratio_at(self, log_area: float) -> tuple[float, float]:
+        """Mean and std of ``L0 / lowest loss seen`` at ``log S1`` (held at the end rows)."""
+        knots, ratio_mean, ratio_std = (np.array(c) for c in zip(*self.l0_ratio, strict=True))
+        return (
+            float(np.interp(log_area, knots, ratio_mean)),
+            float(np.interp(log_area, knots, ratio_std)),
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -111,7 +125,8 @@ class Priors:
     def from_dict(cls, d: dict) -> Priors:
         if d.get("version") != PRIORS_VERSION:
             raise ValueError(
-                f"priors file has version {d.get('version')!r}, expected {PRIORS_VERSION}."
+                f"priors file has version {d.get('version')!r}, expected {PRIORS_VERSION}; "
+                "derive it again with scripts/derive_priors.py."
             )
         laws = {
             name: LawPrior(

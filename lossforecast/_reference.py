@@ -24,7 +24,7 @@ def read_reference_losses(path: str | os.PathLike) -> list[float]:
     it has a positive finite number at ``"reached_loss"`` (preferred: a loss actually
     reached, as in the end-of-training summary event) or ``"final_loss"``, at top level or
     under ``"data"`` (as :meth:`Event.to_dict` writes it). Run summaries written to a history
-    folder (``{"kind": "lossforecast-run-summary", "version": 1, "final_loss": 2.93, ...}``)
+    folder (``{"kind": "lossforecast-run-summary", "version": 2, "final_loss": 2.93, ...}``)
     qualify. Unreadable files, unreadable lines of a JSON-lines file and files with no such
     number are skipped, and one log message says how many; a missing path gives an empty
     list and one message.

@@ -97,6 +97,10 @@ class Schedule:
     def __len__(self) -> int:
         return self.total_steps
 
+    def lr_area(self, step: int) -> float:
+        """The LR summed over steps ``0..step``, in the optimizer's own units (``S1``)."""
+        return float(self.area[step] * self.peak_lr)
+
     def check_steps(self, steps: ArrayLike) -> NDArray[np.int64]:
         """Validate steps against the schedule and return them as an int array."""
         arr = np.asarray(steps)

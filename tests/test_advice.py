@@ -400,7 +400,7 @@ def test_a_run_that_cannot_reach_the_target_is_told_so(runs):
 
 def test_dominated_by_a_folder_of_past_runs(runs, tmp_path):
     best = runs["mpl-100m-cosine-24000"]
-    summary = {"kind": "lossforecast-run-summary", "version": 1, "final_loss": best.final_loss}
+    summary = {"kind": "lossforecast-run-summary", "version": 2, "final_loss": best.final_loss}
     (tmp_path / "mpl-100m-cosine.json").write_text(json.dumps(summary))
     (tmp_path / "broken.json").write_text("{")
     advisor = Advisor(reference=tmp_path)

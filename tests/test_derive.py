@@ -115,3 +115,14 @@ def test_early_intervals_widen_to_what_a_held_out_source_needs():
         assert cal.scale(0.05) > 2 * plain.scale(0.05), law
         # late knots rest on the run's own data: only the source weighting differs there
         assert cal.rel_std[-1] == pytest.approx(plain.rel_std[-1], rel=0.1)
+
+
+def test_l0_table_is_keyed_by_the_lr_area_seen(derived):
+    runs, priors = derived
+    reached = [np.log(Schedule(r.lr_schedule).lr_area(r.final_step)) for r in runs]
+    for law in priors.laws.values():
+        keys = [k for k, _, _ in law.l0_ratio]
+        means = [m for _, m, _ in law.l0_ratio]
+        assert keys == sorted(keys) and keys[-1] <= max(reached) + 0.5
+        # the lowest loss seen closes in on L0 as the LR area grows
+        assert means[0] < means[-1] <= 1.0

@@ -13,6 +13,7 @@ from lossforecast import Forecaster, Priors, Schedule
 from lossforecast._history import (
     HISTORY_ENV,
     SUMMARY_KIND,
+    SUMMARY_VERSION,
     RunSummary,
     ScheduleShape,
     history_dir_from_env,
@@ -91,7 +92,7 @@ def test_write_then_load_round_trip(history_folder):
     assert len(files) == 2 and all(f.suffix == ".json" for f in files)
     assert all(f.name.startswith("run-") and " " not in f.name for f in files)  # safe names
     doc = json.loads(files[0].read_text())
-    assert doc["kind"] == SUMMARY_KIND and doc["version"] == 1
+    assert doc["kind"] == SUMMARY_KIND and doc["version"] == SUMMARY_VERSION
     assert set(doc) >= {"final_loss", "final_step", "law", "params", "schedule", "labels"}
 
     summaries = load_history(history_folder)
@@ -192,7 +193,7 @@ def _fake(i: int, alpha: float, ratio: float, labels=None, amp=None) -> RunSumma
         final_loss=3.0,
         final_step=9999,
         params={"L0": 2.5, "alpha": alpha},
-        l0_ratio=tuple((p, ratio) for p in (0.05, 0.2, 0.5, 0.8, 1.0)),
+        l0_ratio=tuple((log_area, ratio) for log_area, _, _ in shipped.l0_ratio),
         schedule=ScheduleShape.of(Schedule(wsd(10_000))),
         cooldown_log_amp=amp,
         cooldown_shape=shape if amp is not None else {},
@@ -220,7 +221,8 @@ def test_history_moves_priors_towards_consistent_runs():
         assert base.mean["log_amp"] < law.mean["log_amp"] <= 3.0
         assert law.std["alpha"] < base.std["alpha"]
         for (_, m, s), (_, m0, s0) in zip(law.l0_ratio, base.l0_ratio, strict=True):
-            assert 0.7 - 1e-9 <= m <= max(m0, 0.7) and 0.2 * s0 - 1e-12 <= s <= s0
+            assert min(m0, 0.7) - 1e-9 <= m <= max(m0, 0.7) + 1e-9  # between prior and runs
+            assert 0.2 * s0 - 1e-12 <= s <= s0
     # more consistent runs: closer to them and sharper, but never below the floor
     assert abs(many.mean["alpha"] - 0.3) < abs(one.mean["alpha"] - 0.3)
     assert many.std["alpha"] < one.std["alpha"]
@@ -232,6 +234,26 @@ def test_history_moves_priors_towards_consistent_runs():
     sharpened = history_priors(priors, [_fake(i, 0.3, 0.7) for i in range(8)], law=LAW)
     assert sharpened.calibration == priors.calibration
     assert sharpened.laws["lr-annealing"] == priors.laws["lr-annealing"]
+
+
+def test_history_extends_the_l0_table_to_lrs_on_another_scale():
+    # SGD-like runs: an LR area far beyond the shipped table's last row
+    priors = Priors.default()
+    base = priors.laws[LAW]
+    levels = (5.0, 5.7, 6.4, 7.0)
+    runs = [
+        dataclasses.replace(_fake(i, 0.4, 0.9), l0_ratio=tuple((lv, 0.9) for lv in levels))
+        for i in range(8)
+    ]
+    law = history_priors(priors, runs, law=LAW).laws[LAW]
+    keys = [k for k, _, _ in law.l0_ratio]
+    assert keys[: len(base.l0_ratio)] == [k for k, _, _ in base.l0_ratio]
+    assert keys[len(base.l0_ratio) :] == [5.0, 5.5, 6.0, 6.5, 7.0]
+    assert law.l0_ratio[: len(base.l0_ratio)] == base.l0_ratio  # nothing seen there
+    end, _ = base.l0_ratio_at(np.inf)
+    ratio, std = law.l0_ratio_at(6.0)
+    assert 0.9 - 1e-9 <= ratio < end - 0.5 * (end - 0.9) and std < base.l0_ratio_at(6.0)[1]
+    assert law.for_run(3.0, 0.1, np.exp(6.0)).mean["L0"] == pytest.approx(3.0 * ratio)
 
 
 def test_history_priors_are_deterministic_and_prefer_same_labels():

@@ -17,8 +17,8 @@ def test_shipped_priors_cover_every_law():
         p = priors.laws[name]
         assert set(p.mean) <= set(law.params)
         assert all(p.std[k] > 0 for k in p.mean)
-        progress = [row[0] for row in p.l0_ratio]
-        assert progress == sorted(progress)
+        log_area = [row[0] for row in p.l0_ratio]
+        assert log_area == sorted(log_area)
         assert all(0.5 < mean < 1.0 and std > 0 for _, mean, std in p.l0_ratio)
 
 
@@ -52,16 +52,19 @@ def test_amplitude_prior_scales_with_square_root_of_peak_lr():
     assert b - a == pytest.approx(law.amp_lr_exponent * np.log(4.0))
 
 
-def test_l0_prior_is_relative_to_lowest_loss_and_follows_progress():
+def test_l0_prior_is_relative_to_lowest_loss_and_follows_the_lr_area_seen():
     law = Priors.default().laws["multi-power"]
     first, last = law.l0_ratio[0], law.l0_ratio[-1]
-    early = law.for_run(2.0, 1e-3, progress=first[0])
-    late = law.for_run(2.0, 1e-3, progress=last[0])
+    early = law.for_run(2.0, 1e-3, np.exp(first[0]))
+    late = law.for_run(2.0, 1e-3, np.exp(last[0]))
     assert early.mean["L0"] == pytest.approx(2.0 * first[1])
     assert early.std["L0"] == pytest.approx(2.0 * first[2])
     assert late.mean["L0"] == pytest.approx(2.0 * last[1])
     # early in training the lowest loss seen is far above the irreducible loss
     assert early.mean["L0"] < late.mean["L0"]
+    # held at the table's ends, and past its end by default
+    assert law.for_run(2.0, 1e-3, 1e-9).mean["L0"] == pytest.approx(early.mean["L0"])
+    assert law.for_run(2.0, 1e-3).mean["L0"] == pytest.approx(late.mean["L0"])
 
 
 def test_calibration_interpolates_and_clamps():

@@ -11,7 +11,7 @@ from lossforecast._reference import read_reference_losses
 
 
 def test_reference_folder_of_summaries_forecasts_and_junk(tmp_path, caplog):
-    summary = {"kind": "lossforecast-run-summary", "version": 1, "final_loss": 2.95, "params": {}}
+    summary = {"kind": "lossforecast-run-summary", "version": 2, "final_loss": 2.95, "params": {}}
     (tmp_path / "run-a.json").write_text(json.dumps(summary))
     event = {"kind": "forecast", "data": {"final": 1, "final_loss": 3.0, "reached_loss": 2.91}}
     (tmp_path / "events.jsonl").write_text(json.dumps(event) + "\n{cut sh\n")

@@ -172,6 +172,15 @@ def test_wsd_example_by_hand():
     np.testing.assert_allclose(annealing_area(sched, [3, 4, 5], d), [0.0, 0.5, 0.5 + 0.5 * d + 0.5])
 
 
+def test_lr_area_is_in_the_optimizers_units():
+    # relative area times the peak: the LR summed over steps 0..s, whatever the peak
+    for peak in (1.0, 3e-4):
+        sched = Schedule(peak * np.array([0.5, 1.0, 1.0, 1.0, 0.5, 0.0]))
+        assert [sched.lr_area(s) for s in (0, 3, 5)] == pytest.approx(
+            [0.5 * peak, 3.5 * peak, 4.0 * peak]
+        )
+
+
 def test_warmup_decrease_is_not_annealing():
     lr = np.array([0.3, 0.2, 0.6, 1.0, 1.0])  # dips during warmup, before the peak
     sched = Schedule(lr, max_groups=EXACT)
