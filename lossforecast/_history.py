@@ -87,8 +87,6 @@ class ScheduleShape:
     decay_start : float
         Share of the steps after which the LR first falls below 99% of the peak
         (1.0 for a constant schedule).
-    total_area : float
-        Forward area of the whole schedule, in steps at the peak LR.
     lr_curve : tuple of float
         Relative LR at :data:`LR_CURVE_POINTS` evenly spaced shares of the run.
     """
@@ -98,7 +96,6 @@ class ScheduleShape:
     warmup_steps: int
     final_lr_ratio: float
     decay_start: float
-    total_area: float
     lr_curve: tuple[float, ...]
 
     @classmethod
@@ -115,7 +112,6 @@ class ScheduleShape:
             warmup_steps=int(schedule.warmup_steps),
             final_lr_ratio=float(rel[-1]),
             decay_start=float(decay),
-            total_area=float(schedule.area[-1]),
             lr_curve=tuple(round(float(v), 5) for v in rel[idx]),
         )
 
@@ -358,7 +354,6 @@ def _shape_to_dict(shape: ScheduleShape) -> dict:
         "warmup_steps": shape.warmup_steps,
         "final_lr_ratio": shape.final_lr_ratio,
         "decay_start": shape.decay_start,
-        "total_area": shape.total_area,
         "lr_curve": list(shape.lr_curve),
     }
 
@@ -424,7 +419,6 @@ def _parse(path: Path, doc) -> RunSummary:
         warmup_steps=int(s["warmup_steps"]),
         final_lr_ratio=_finite(s["final_lr_ratio"]),
         decay_start=_finite(s["decay_start"]),
-        total_area=_finite(s["total_area"]),
         lr_curve=tuple(_finite(v) for v in s["lr_curve"]),
     )
     labels = doc.get("labels") or {}
