@@ -299,6 +299,17 @@ def _aggregate(fits: list[_RunFit], base: LawPrior) -> LawPrior:
     # 25/75/90% 2.46/0.82/0.30% -> 1.93/0.49/0.14% (WSD better at every cut-off, 0.18 ->
     # 0.08% at 90%; cosine worse at 25/50%, 0.33/0.48 -> 0.40/0.54%, and 80% coverage at 90%
     # 0.96). benchmarks/accuracy_unseen_family.md measures what a new schedule family costs.
+    # With the L0 table keyed by the LR area, ad-hoc reruns of annealing priors chosen by the
+    # planned schedule: for schedules whose LR falls within 30% of training (WSD, step,
+    # two-stage; cosine's decay spans 54-59%) all four annealing parameters from such runs'
+    # fits only (std kept at least as wide as from all runs), other schedules as shipped.
+    # Leave-one-source-out median error 1.95/0.39/0.24/0.12/0.05% (shipped
+    # 2.09/0.39/0.24/0.12/0.05%), 90th percentile 8.10/2.12/0.88/0.45/0.17% (7.79/2.30/0.90/
+    # 0.82/0.30%), but 80% coverage at 90% 0.86; and with the family held out too (a WSD run's
+    # priors from step and two-stage runs only) WSD's median at 25/50/75% went
+    # 0.57/0.54/0.52% -> 2.15/1.77/1.72%: priors from one abrupt shape do not carry to
+    # another. The three shape parameters alone from such runs: median at 75% 0.16%.
+    # Cosine-like schedules' priors from cosine runs only: 3.05/0.64/0.34/0.17/0.05%.
     mean, std = {}, {}
     for p in base.mean:
         centre, spread = _balanced(np.array([f.theta[p] for f in fits]), groups)
