@@ -33,11 +33,10 @@ class LawPrior:
     LR area seen (the sum of the LR over the steps, in the optimizer's own units),
     interpolated in ``log S1`` and held at the end rows. Unlike the share of training seen,
     that is the same point of the curve for a short run and a long one. The annealing
-    amplitude (``log_amp``, for LRs
-    relative to the peak) is given for a peak LR of 1 and shifted by
-    ``amp_lr_exponent * log(peak_lr)``: the loss a cooldown removes grows like the square
-    root of the peak LR on the shared curves (a noise-floor effect), far more steadily
-    than as a fixed amount or a fixed share of the loss.
+    amplitude (``log_amp``, for LRs relative to the peak) is given for a peak LR of 1 and
+    shifted by ``amp_lr_exponent * log(peak_lr)``: the loss a cooldown removes grows like
+    the square root of the peak LR on the shared curves (a noise-floor effect), far more
+    steadily than as a fixed amount or a fixed share of the loss.
     """
 
     mean: dict[str, float]
