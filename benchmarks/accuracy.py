@@ -1,7 +1,8 @@
 """Accuracy benchmark: forecast the final loss of every shared run from prefixes of it.
 
 Protocol (issue "Core"): cutoffs at 10/25/50/75/90% of the planned steps, fit on the prefix
-only, forecast the loss at the run's ``final_step`` and compare with its ``final_loss``.
+only, forecast the loss at the run's ``final_step`` and compare with its ``final_loss`` (a
+cutoff at or past ``final_step`` has nothing left to forecast: no method answers there).
 Leave-one-source-out: the priors and calibration used for a source's runs are derived
 (``lossforecast._derive.derive_priors``) from the other sources' runs only, so the table
 measures what a user with a new model, dataset and schedule gets. With ``--hold-out
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _baselines import last_smoothed, plain_lr_annealing, power_law_in_steps
 
 from lossforecast import Priors, Schedule
-from lossforecast._backtest import backtest_run
+from lossforecast._backtest import backtest_run, prefix_length
 from lossforecast._derive import HYPERPRIORS, _full_fit, _summarise_fit, derive_priors
 from lossforecast._io import load_runs
 from lossforecast._laws import LawInputs
@@ -128,7 +129,7 @@ def run_benchmark(data_dir: Path, laws: tuple[str, ...], hold_out: str = "source
                 np.exp(lra.mean["log_amp"] + lra.amp_lr_exponent * np.log(schedule.peak_lr))
             )
             for c in CUTOFFS:
-                n = int(np.searchsorted(run.steps, c * schedule.total_steps, side="right"))
+                n = prefix_length(run.steps, c, schedule.total_steps, run.final_step)
                 s, y = run.steps[:n], run.loss[:n]
                 forecasts = {}
                 if n >= 2:
@@ -441,8 +442,10 @@ def header(flags: str, hold_out: str, seconds: float) -> str:
             " `../shared/data`",
             "(sources: thu-yao-01-luo/MultiPowerLaw, Luo et al. ICLR 2025; zyyyyyy123/tdlt;",
             "fabian-sp/lr-scheduling, Schaipp et al. ICML 2025). " + HOLD_OUT[hold_out].description,
-            '"No data": the run logs no point before the cutoff (the MultiPowerLaw wsdcon runs',
-            "log their first point at step 2,176 of 16,000), so no method can answer there.",
+            '"No data": the run logs no point before the cutoff, or its last logged point (the',
+            "loss to forecast) is already past, so no method answers there: the MultiPowerLaw",
+            "wsdcon runs log their first point at step 2,176 of 16,000 (none at 10%), and the",
+            "25M ones their last at step 14,144 (none at 90%).",
             "Cells: median / 90th percentile of |forecast − final| / final. "
             f"Wall time {seconds:.0f} s.",
         ]

@@ -12,7 +12,14 @@ from numpy.typing import ArrayLike, NDArray
 from ._forecaster import Forecast, Forecaster
 from ._schedule import Schedule
 
-__all__ = ["BacktestPoint", "Trajectory", "backtest", "backtest_run", "DEFAULT_CUTOFFS"]
+__all__ = [
+    "BacktestPoint",
+    "Trajectory",
+    "backtest",
+    "backtest_run",
+    "prefix_length",
+    "DEFAULT_CUTOFFS",
+]
 
 #: Shares of the planned steps at which a backtest cuts the run.
 DEFAULT_CUTOFFS = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -44,7 +51,7 @@ class BacktestPoint:
     cutoff : float
         Share of the planned steps observed, in (0, 1].
     observed_step : int or None
-        Last logged step fed to the forecaster (``None`` if the prefix is empty).
+        Last logged step fed to the forecaster (``None`` if nothing was fed).
     forecast : Forecast or None
         The forecast at the final step, or ``None`` if the forecaster gave none yet.
     truth : float
@@ -56,6 +63,9 @@ class BacktestPoint:
     trajectory : Trajectory or None
         Predicted loss at the requested ``trajectory_steps`` after ``observed_step``
         (``None`` unless asked for, or without a forecast).
+    after_final : bool
+        The cutoff reaches the step forecast: nothing is left to forecast there, so nothing
+        is fed and no forecast is made (it would have seen the loss it is scored against).
     """
 
     cutoff: float
@@ -65,6 +75,18 @@ class BacktestPoint:
     rel_error: float | None
     covered: bool | None
     trajectory: Trajectory | None = None
+    after_final: bool = False
+
+
+def prefix_length(
+    steps: NDArray[np.int64], cutoff: float, total_steps: int, final_step: int
+) -> int:
+    """How many of a run's logged ``steps`` a backtest at ``cutoff`` feeds: those up to
+    ``cutoff * total_steps``, and none once that reaches ``final_step``, the step forecast
+    (a run that ended early, or logged its last point before the end of its schedule)."""
+    if cutoff * total_steps >= final_step:
+        return 0
+    return int(np.searchsorted(steps, cutoff * total_steps, side="right"))
 
 
 def backtest(
@@ -82,7 +104,8 @@ def backtest(
 
     For each cutoff ``c`` the points with ``step <= c * T`` (``T`` the planned steps) are fed
     in order into a fresh :class:`Forecaster` targeting ``final_step``, and its forecast is
-    compared with ``truth``.
+    compared with ``truth``. A cutoff at or past ``final_step`` gets no forecast
+    (:attr:`BacktestPoint.after_final`): there is nothing left to forecast.
 
     Parameters
     ----------
@@ -164,7 +187,7 @@ def backtest(
 
     points = []
     for c in cuts:
-        n = int(np.searchsorted(step_arr, c * T, side="right"))
+        n = prefix_length(step_arr, c, T, final_step)
         fc = Forecaster(schedule, target_step=final_step, **forecaster_kwargs)
         for s, loss in zip(step_arr[:n].tolist(), loss_arr[:n].tolist(), strict=True):
             fc.update(s, loss)
@@ -185,6 +208,7 @@ def backtest(
                 rel_error=None if f is None else (f.loss - truth) / truth,
                 covered=None if f is None else bool(f.low <= truth <= f.high),
                 trajectory=trajectory,
+                after_final=c * T >= final_step,
             )
         )
     return points

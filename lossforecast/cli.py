@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Replay a logged run: for each cutoff, fit on the points up to that share of the "
             "planned steps and forecast the loss at the last logged step; print forecast, "
-            "interval, truth and error."
+            "interval, truth and error. A cutoff at or past the last logged step (a run that "
+            "ended early) gets no forecast: there is nothing left to forecast."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -220,7 +221,8 @@ def _backtest(args, prog: str) -> int:
     )
     print(
         f"Backtest of {label}: {len(steps):,} points, {total:,} planned steps, law {args.law}\n"
-        f"Final loss to forecast: {truth:.4f} at step {final_step:,} (the last logged point)\n"
+        f"Final loss to forecast: {truth:.4f} at step {final_step:,} (the last logged point, "
+        f"{final_step / total:.1%} of the planned steps)\n"
     )
     print(_table(points, args.coverage))
     if args.json:
@@ -247,9 +249,8 @@ def _table(points: list[BacktestPoint], coverage: float) -> str:
         f = p.forecast
         observed = "-" if p.observed_step is None else f"{p.observed_step:,}"
         if f is None:
-            rows.append(
-                [f"{p.cutoff:.0%}", observed, "-", "(no forecast yet)", f"{p.truth:.4f}", "-", "-"]
-            )
+            why = "(after the final step)" if p.after_final else "(no forecast yet)"
+            rows.append([f"{p.cutoff:.0%}", observed, "-", why, f"{p.truth:.4f}", "-", "-"])
             continue
         rows.append(
             [
@@ -302,6 +303,7 @@ def _write_json(path, label, total, lr_source, final_step, truth, args, points) 
                 "truth": p.truth,
                 "rel_error": p.rel_error,
                 "covered": p.covered,
+                "after_final": p.after_final,
             }
             for p in points
         ],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lossforecast import BacktestPoint, Forecast, Schedule, backtest
-from lossforecast._backtest import backtest_run
+from lossforecast._backtest import backtest_run, prefix_length
 
 T = 4000
 WARM = 200
@@ -64,13 +64,13 @@ def test_backtest_options_reach_the_forecaster():
         steps,
         loss,
         Schedule(lr),
-        cutoffs=(0.75, 0.5),
+        cutoffs=(0.7, 0.5),
         final_step=3000,
         truth=2.9,
         law="lr-annealing",
         coverage=0.5,
     )
-    assert [p.cutoff for p in points] == [0.75, 0.5]  # order kept
+    assert [p.cutoff for p in points] == [0.7, 0.5]  # order kept
     for p in points:
         assert p.truth == 2.9
         assert p.forecast.step == 3000
@@ -81,11 +81,42 @@ def test_backtest_options_reach_the_forecaster():
 def test_backtest_without_data_before_a_cutoff():
     steps, loss, lr = _run()
     late = steps >= 0.3 * T
-    points = backtest(steps[late], loss[late], lr, cutoffs=(0.1, 1.0))
-    empty, full = points
+    points = backtest(steps[late], loss[late], lr, cutoffs=(0.1, 0.9))
+    empty, later = points
     assert empty.observed_step is None and empty.forecast is None
-    assert empty.rel_error is None and empty.covered is None
-    assert full.observed_step == steps[-1] and full.forecast is not None
+    assert empty.rel_error is None and empty.covered is None and not empty.after_final
+    assert later.observed_step == steps[steps <= 0.9 * T][-1] and later.forecast is not None
+
+
+def test_backtest_makes_no_forecast_from_a_cutoff_past_the_final_step():
+    # A run that stopped at 60% of its planned steps: from 75% on there is nothing left to
+    # forecast, and a forecast fed the final point would be scored against its own input.
+    steps, loss, lr = _run()
+    stopped = steps <= 0.6 * T
+    points = backtest(steps[stopped], loss[stopped], lr, cutoffs=(0.5, 0.75, 1.0))
+    before, *after = points
+    assert before.forecast is not None and not before.after_final
+    assert before.forecast.step == steps[stopped][-1]
+    for p in after:
+        assert p.after_final
+        assert p.observed_step is None and p.forecast is None
+        assert p.rel_error is None and p.covered is None
+    # cutoff 1.0 reaches every step of the schedule, the one forecast included
+    assert backtest(steps, loss, lr, cutoffs=(1.0,))[0].after_final
+    # a step forecast beyond the last logged point: every point is fed
+    ahead = backtest(
+        steps[stopped], loss[stopped], lr, cutoffs=(0.75,), final_step=T - 1, truth=2.6
+    )[0]
+    assert not ahead.after_final and ahead.observed_step == steps[stopped][-1]
+    assert ahead.forecast.step == T - 1
+
+
+def test_prefix_length():
+    steps = np.array([0, 100, 200, 300, 400])
+    assert prefix_length(steps, 0.25, 1000, 400) == 3  # steps 0, 100, 200
+    assert prefix_length(steps, 0.4, 1000, 400) == 0  # reaches the step forecast
+    assert prefix_length(steps, 0.4, 1000, 999) == 5
+    assert prefix_length(steps, 0.001, 1000, 400) == 1
 
 
 def test_backtest_trajectory():

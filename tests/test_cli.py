@@ -70,6 +70,28 @@ def test_backtest_real_curve_with_schedule(capsys, tmp_path):
 
 
 @needs_data
+def test_backtest_of_a_run_that_ended_early(capsys, tmp_path):
+    # The 60M WSD run cut at step 3,700 of its 7,500: no forecast from 50% of the schedule on.
+    lines = Path(_curve(OWT2)).read_text().splitlines()
+    kept = [lines[0]] + [row for row in lines[1:] if int(row.split(",")[0]) <= 3700]
+    curve = tmp_path / "stopped.csv"
+    curve.write_text("\n".join(kept) + "\n")
+    out_json = tmp_path / "out.json"
+    code = main(["backtest", str(curve), "--lr", _schedule(OWT2_LR), "--json", str(out_json)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "at step 3,600 (the last logged point, 48.0% of the planned steps)" in out
+    rows = {r[0]: r for r in _table_rows(out)}
+    assert rows["10%"][-1] in ("yes", "no") and rows["25%"][-1] in ("yes", "no")
+    for cut in ("50%", "75%", "90%"):
+        assert rows[cut][1:3] == ["-", "-"] and "(after the final step)" in " ".join(rows[cut])
+    points = json.loads(out_json.read_text())["points"]
+    assert [p["after_final"] for p in points] == [False, False, True, True, True]
+    assert all(p["forecast"] is None for p in points[2:])
+    assert all(p["forecast"]["step"] == 3600 for p in points[:2])
+
+
+@needs_data
 def test_backtest_without_schedule_interpolates_and_says_so(capsys):
     code = main(
         ["backtest", _curve("mpl-25m-wsdcon-3"), "--total-steps", "16000", "--cutoffs", "25%,0.5"]
