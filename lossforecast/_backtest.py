@@ -84,9 +84,14 @@ def prefix_length(
     """How many of a run's logged ``steps`` a backtest at ``cutoff`` feeds: those up to
     ``cutoff * total_steps``, and none once that reaches ``final_step``, the step forecast
     (a run that ended early, or logged its last point before the end of its schedule)."""
-    if cutoff * total_steps >= final_step:
+    if _reaches(cutoff, total_steps, final_step):
         return 0
     return int(np.searchsorted(steps, cutoff * total_steps, side="right"))
+
+
+def _reaches(cutoff: float, total_steps: int, final_step: int) -> bool:
+    """Whether a cutoff's share of the planned steps reaches the step forecast."""
+    return cutoff * total_steps >= final_step
 
 
 def backtest(
@@ -208,7 +213,7 @@ def backtest(
                 rel_error=None if f is None else (f.loss - truth) / truth,
                 covered=None if f is None else bool(f.low <= truth <= f.high),
                 trajectory=trajectory,
-                after_final=c * T >= final_step,
+                after_final=_reaches(c, T, final_step),
             )
         )
     return points
